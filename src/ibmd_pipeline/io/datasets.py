@@ -93,7 +93,7 @@ class TensorBundleDataset(_LocalVersionedDataset):
                 meta[key] = value
         arrays[_META_KEY] = np.array(json.dumps(meta))
         save_path = Path(self._get_save_path())
-        atomic_write(save_path, lambda f: np.savez(f, **arrays))
+        atomic_write(save_path, lambda f: np.savez_compressed(f, **arrays))
 
 
 class TorchCheckpointDataset(_LocalVersionedDataset):

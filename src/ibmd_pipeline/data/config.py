@@ -1,0 +1,96 @@
+"""Where the images come from, their size, and how they are split (``params:data``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ibmd_pipeline.engine.config import require
+
+DataSource = Literal["embedded", "folder", "paired_ab", "paired_folders"]
+PAIRED_SOURCES: tuple[str, ...] = ("paired_ab", "paired_folders")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The image source and its preprocessing.
+
+    source:
+        ``embedded``: the 10,000 animal silhouettes of the ``animal-mnist`` package (28x28 gray,
+        10 classes), centred on a black canvas of ``image_size`` (or shrunk, if smaller than 28).
+        ``folder``: every readable image under ``path`` (recursively); when all images sit in
+        sub-folders, the first sub-folder name is the class label.
+        ``paired_ab``: pix2pix-style images under ``path``, two halves side by side (A left,
+        B right); ``direction`` says which half is the corrupted source.
+        ``paired_folders``: clean images under ``path``, corrupted ones under
+        ``corrupted_path``, matched by relative path without the file extension.
+    path: the image folder (``folder``, ``paired_ab``) or the clean-image folder (``paired_folders``).
+    corrupted_path: the corrupted-image folder (``paired_folders`` only).
+    direction: ``a_to_b`` = A (left half) is corrupted, B (right half) is clean; ``b_to_a`` swaps them.
+    image_size: side of the square images, in pixels. Folder images are resized (shorter side) and
+        centre-cropped to it.
+    channels: 1 (grayscale) or 3 (RGB); images are converted on load.
+    val_fraction, test_fraction: shares of the images held out for validation and test (each
+        split gets at least one image); the rest is the training split.
+    max_images: use at most this many images (a seeded random subset), or all when null.
+    small_images: what to do with folder images whose shorter side is below ``image_size``:
+        ``upscale`` them (one warning lists them) or raise an ``error`` naming the first.
+    """
+
+    source: DataSource = "embedded"
+    path: str | None = None
+    corrupted_path: str | None = None
+    direction: Literal["a_to_b", "b_to_a"] = "a_to_b"
+    image_size: int = 32
+    channels: Literal[1, 3] = 1
+    val_fraction: float = 0.05
+    test_fraction: float = 0.1
+    max_images: int | None = None
+    small_images: Literal["upscale", "error"] = "upscale"
+
+    def validate(self, key: str) -> None:
+        prefix = f"{key}." if key else ""
+        require(
+            8 <= self.image_size <= 1024,
+            f"{prefix}image_size",
+            f"must be in [8, 1024], got {self.image_size}",
+        )
+        # Literal[1, 3] also admits True and 3.0 (they compare equal); only an int is meant.
+        require(
+            type(self.channels) is int, f"{prefix}channels", f"got {self.channels!r}; allowed values: 1, 3"
+        )
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            require(0.0 < value < 1.0, f"{prefix}{name}", f"must be in (0, 1), got {value}")
+        require(
+            self.val_fraction + self.test_fraction < 1.0,
+            f"{prefix}test_fraction",
+            f"val_fraction + test_fraction must be below 1 to leave training images, got "
+            f"{self.val_fraction} + {self.test_fraction}",
+        )
+        require(
+            self.max_images is None or self.max_images >= 3,
+            f"{prefix}max_images",
+            f"must be null or at least 3 (one image per split), got {self.max_images}",
+        )
+        if self.source == "embedded":
+            require(self.path is None, f"{prefix}path", "must be null for source 'embedded'")
+        else:
+            require(bool(self.path), f"{prefix}path", f"is required for source '{self.source}'")
+        if self.source == "paired_folders":
+            require(
+                bool(self.corrupted_path),
+                f"{prefix}corrupted_path",
+                "is required for source 'paired_folders' (the folder of corrupted images)",
+            )
+        else:
+            require(
+                self.corrupted_path is None,
+                f"{prefix}corrupted_path",
+                f"is only used by source 'paired_folders', got it with source '{self.source}'",
+            )
+
+    @property
+    def paired(self) -> bool:
+        """Whether the source provides the corrupted images itself."""
+        return self.source in PAIRED_SOURCES

@@ -1,0 +1,223 @@
+"""Images from a user's folder: plain, pix2pix "AB" pairs, or two folders matched by name.
+
+Any file PIL can decode is an image; hidden files and folders (names starting with ``.``) are
+ignored. Files that cannot be decoded (truncated, not images) are skipped with one warning that
+counts them; images whose shorter side is below ``image_size`` are upscaled with one warning,
+or are an error when ``data.small_images`` is ``error``. A seeded ``max_images`` cap is applied
+to the file list before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ibmd_pipeline.data.config import DataConfig
+from ibmd_pipeline.data.image_set import DataError, ImageSet, select_indices
+from ibmd_pipeline.degradations.ops import from_uint8
+from ibmd_pipeline.engine.config import ConfigError
+
+# What PIL raises for files it cannot decode: unknown format (UnidentifiedImageError is an
+# OSError), truncated data (OSError), corrupt headers (SyntaxError, ValueError), oversized images.
+UNREADABLE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+SHOWN_NAMES = 5
+
+
+class DataWarning(UserWarning):
+    """Some images of a folder were skipped or altered beyond the usual resize."""
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One example on disk: ``name`` is its path relative to the (clean) root, used for labels."""
+
+    name: str
+    path: Path
+    corrupted_path: Path | None = None
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(names[:SHOWN_NAMES])
+    return shown + (f", ... ({len(names) - SHOWN_NAMES} more)" if len(names) > SHOWN_NAMES else "")
+
+
+def check_folder(path: str, key: str) -> Path:
+    """``path`` as an existing folder, or a :class:`ConfigError` naming ``key``."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise ConfigError(key, f"folder '{root}' does not exist")
+    if not root.is_dir():
+        raise ConfigError(key, f"'{root}' is not a folder")
+    return root
+
+
+def list_files(root: Path, key: str) -> dict[str, Path]:
+    """Every non-hidden file under ``root``, recursively, by POSIX path relative to ``root``, sorted."""
+    files = {}
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            files[relative.as_posix()] = path
+    if not files:
+        raise ConfigError(key, f"folder '{root}' contains no files")
+    return dict(sorted(files.items()))
+
+
+def class_labels(names: list[str]) -> tuple[torch.Tensor | None, tuple[str, ...]]:
+    """Labels from the first folder of each relative path, if every image sits in a class folder."""
+    if not names or any(len(PurePosixPath(name).parts) < 2 for name in names):
+        return None, ()
+    folders = [PurePosixPath(name).parts[0] for name in names]
+    class_names = tuple(sorted(set(folders)))
+    index = {name: i for i, name in enumerate(class_names)}
+    return torch.tensor([index[f] for f in folders], dtype=torch.int64), class_names
+
+
+def _read(path: Path, mode: str) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()  # decode now: a truncated file fails here, not later
+        return image.convert(mode)
+
+
+def _split_ab(image: Image.Image) -> tuple[Image.Image, Image.Image]:
+    """The left (A) and right (B) halves of a pix2pix side-by-side image."""
+    width, height = image.size
+    half = width // 2
+    return image.crop((0, 0, half, height)), image.crop((half, 0, width, height))
+
+
+def _decode(items: list[_Item], config: DataConfig, root: Path) -> ImageSet:
+    """Decode, check and resize ``items``; skip unreadable ones with a single warning."""
+    mode = "L" if config.channels == 1 else "RGB"
+    size = config.image_size
+    clean, corrupted, names, unreadable, small = [], [], [], [], []
+    for item in items:
+        try:
+            image = _read(item.path, mode)
+            partner = _read(item.corrupted_path, mode) if item.corrupted_path is not None else None
+        except UNREADABLE_ERRORS as err:
+            unreadable.append(f"{item.name} ({type(err).__name__})")
+            continue
+        if config.source == "paired_ab":
+            a_half, b_half = _split_ab(image)
+            partner, image = (a_half, b_half) if config.direction == "a_to_b" else (b_half, a_half)
+        views = [image] if partner is None else [image, partner]
+        smallest = min(views, key=lambda view: min(view.size))
+        if min(smallest.size) < size:
+            if config.small_images == "error":
+                culprit = item.corrupted_path if smallest is partner and item.corrupted_path else item.path
+                raise DataError(
+                    f"image '{culprit}' is {smallest.size[0]}x{smallest.size[1]}"
+                    f"{' per half' if config.source == 'paired_ab' else ''}, smaller than "
+                    f"data.image_size={size}; set data.small_images: upscale to enlarge such images"
+                )
+            small.append(item.name)
+        fitted = [
+            np.asarray(ImageOps.fit(view, (size, size), method=Image.Resampling.BICUBIC)) for view in views
+        ]
+        clean.append(fitted[0])
+        if partner is not None:
+            corrupted.append(fitted[1])
+        names.append(item.name)
+
+    if unreadable:
+        warnings.warn(
+            f"skipped {len(unreadable)} of {len(items)} files under '{root}' that are not readable images "
+            f"(truncated, corrupt or not images): {_few(unreadable)}",
+            DataWarning,
+            stacklevel=3,
+        )
+    if not names:
+        raise DataError(
+            f"none of the {len(items)} files under '{root}' is a readable image: {_few(unreadable)}"
+        )
+    if small:
+        warnings.warn(
+            f"upscaled {len(small)} images under '{root}' whose shorter side is below "
+            f"data.image_size={size}: {_few(small)}",
+            DataWarning,
+            stacklevel=3,
+        )
+
+    def stack(arrays: list[np.ndarray]) -> torch.Tensor:
+        batch = np.stack(arrays)
+        return from_uint8(batch[..., None] if batch.ndim == 3 else batch)
+
+    labels, class_names = class_labels(names)
+    return ImageSet(
+        clean=stack(clean),
+        corrupted=stack(corrupted) if corrupted else None,
+        labels=labels,
+        class_names=class_names,
+    )
+
+
+def _paired_items(config: DataConfig) -> tuple[list[_Item], Path]:
+    assert config.path is not None and config.corrupted_path is not None
+    clean_root = check_folder(config.path, "data.path")
+    corrupted_root = check_folder(config.corrupted_path, "data.corrupted_path")
+
+    def by_stem(files: dict[str, Path], root: Path) -> dict[str, Path]:
+        keyed: dict[str, Path] = {}
+        for name, path in files.items():
+            stem = PurePosixPath(name).with_suffix("").as_posix()
+            if stem in keyed:
+                raise DataError(
+                    f"'{keyed[stem]}' and '{path}' under '{root}' have the same name; "
+                    "pairs are matched by name"
+                )
+            keyed[stem] = path
+        return keyed
+
+    clean = by_stem(list_files(clean_root, "data.path"), clean_root)
+    corrupted = by_stem(list_files(corrupted_root, "data.corrupted_path"), corrupted_root)
+    matched = sorted(clean.keys() & corrupted.keys())
+    unmatched = sorted(clean.keys() ^ corrupted.keys())
+    if not matched:
+        raise DataError(
+            f"no file under '{clean_root}' has a namesake under '{corrupted_root}' "
+            "(pairs are matched by relative path without the extension)"
+        )
+    if unmatched:
+        warnings.warn(
+            f"ignored {len(unmatched)} files without a partner in '{clean_root}' / '{corrupted_root}': "
+            f"{_few(unmatched)}",
+            DataWarning,
+            stacklevel=3,
+        )
+    items = [
+        _Item(
+            name=clean[stem].relative_to(clean_root).as_posix(),
+            path=clean[stem],
+            corrupted_path=corrupted[stem],
+        )
+        for stem in matched
+    ]
+    return items, clean_root
+
+
+def check_sources(config: DataConfig) -> None:
+    """Cheap checks of the configured folders (they exist), before anything is loaded."""
+    if config.path is not None:
+        check_folder(config.path, "data.path")
+    if config.corrupted_path is not None:
+        check_folder(config.corrupted_path, "data.corrupted_path")
+
+
+def load_folder_images(config: DataConfig, seed: int) -> ImageSet:
+    """Images of a ``folder``, ``paired_ab`` or ``paired_folders`` source (see :class:`DataConfig`)."""
+    if config.source == "paired_folders":
+        items, root = _paired_items(config)
+    elif config.source in ("folder", "paired_ab"):
+        assert config.path is not None
+        root = check_folder(config.path, "data.path")
+        items = [_Item(name=name, path=path) for name, path in list_files(root, "data.path").items()]
+    else:
+        raise ValueError(f"'{config.source}' is not a folder source")
+    keep = select_indices(len(items), config.max_images, seed)
+    return _decode([items[i] for i in keep], config, root)
