@@ -1,0 +1,1 @@
+"""Diffusion bridge teachers: configuration, construction from checkpoints, training."""
