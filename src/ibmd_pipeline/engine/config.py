@@ -29,6 +29,11 @@ class ConfigError(ValueError):
         self.message = message
         super().__init__(f"parameter '{key}': {message}" if key else message)
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Rebuild from (key, message): the default would pass only the formatted text, and
+        # the error could not cross a process boundary (Kedro's ParallelRunner, Airflow).
+        return (type(self), (self.key, self.message))
+
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
