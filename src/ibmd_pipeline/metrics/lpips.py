@@ -1,0 +1,55 @@
+"""LPIPS (AlexNet, v0.1) between restored and clean images.
+
+lpips expects ``[-1, 1]`` RGB images, which is our image convention; gray images are
+replicated to three channels and samples are clamped to the valid range. The AlexNet trunk
+comes from :func:`ibmd_pipeline.metrics.weights.build_lpips_alexnet` (official file or verified
+offline copy, never a random trunk).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ibmd_pipeline.metrics.image_quality import to_rgb
+from ibmd_pipeline.metrics.weights import WeightsSource, build_lpips_alexnet
+
+
+class LPIPSScorer:
+    """Per-image and mean LPIPS distance of restored images to clean ones (lower is closer)."""
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        progress: bool = False,
+        weights: WeightsSource | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.progress = progress
+        model, self.weights_source = build_lpips_alexnet(weights)
+        self.model = model.to(self.device).eval()
+
+    @torch.inference_mode()
+    def per_image(self, restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """LPIPS of each pair, ``float32 (N,)`` on the CPU; images ``[-1, 1]`` NCHW, 1 or 3 channels."""
+        if restored.shape != clean.shape or restored.ndim != 4:
+            raise ValueError(
+                f"restored and clean must be NCHW of the same shape, got {tuple(restored.shape)} "
+                f"and {tuple(clean.shape)}"
+            )
+        values = []
+        for start in tqdm(
+            range(0, restored.shape[0], self.batch_size), desc="LPIPS", disable=not self.progress
+        ):
+            a = to_rgb(restored[start : start + self.batch_size].to(self.device, torch.float32).clamp(-1, 1))
+            b = to_rgb(clean[start : start + self.batch_size].to(self.device, torch.float32).clamp(-1, 1))
+            values.append(self.model(a, b).flatten().cpu())
+        return torch.cat(values) if values else torch.empty(0)
+
+    def score(self, restored: torch.Tensor, clean: torch.Tensor) -> float:
+        """Mean LPIPS over the batch."""
+        return self.per_image(restored, clean).mean().item()
