@@ -1,0 +1,84 @@
+"""Every committed configuration environment parses and passes each pipeline's validation.
+
+Loads ``conf/`` with the project's own config-loader settings (``settings.py``: ``base`` merged
+key by key under the env) and runs the parsers the nodes run, so a typo or an out-of-range
+value in ``conf/test`` or ``conf/imagenet256`` fails here in a second instead of on a cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kedro.config import OmegaConfigLoader
+
+from ibmd_pipeline.data import DataConfig, check_seed
+from ibmd_pipeline.degradations import TaskConfig
+from ibmd_pipeline.distill.config import parse_distill_config
+from ibmd_pipeline.engine.config import ConfigError, parse_config
+from ibmd_pipeline.evaluation.config import parse_evaluate_config
+from ibmd_pipeline.deploy.export import ExportConfig
+from ibmd_pipeline.settings import CONFIG_LOADER_ARGS
+from ibmd_pipeline.teacher import EngineConfig, parse_teacher_config, plan_teacher
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+ENVS = ["base", "test", "imagenet256"]
+
+
+def load_params(env: str, **overrides: Any) -> dict[str, Any]:
+    """The parameters a ``kedro run --env <env>`` would see (``base`` alone for ``base``)."""
+    args = {**CONFIG_LOADER_ARGS, "runtime_params": overrides}
+    loader = OmegaConfigLoader(conf_source=str(CONF), env=None if env == "base" else env, **args)
+    if env == "base":
+        loader = OmegaConfigLoader(conf_source=str(CONF), **{**args, "default_run_env": "base"})
+    return dict(loader["parameters"])
+
+
+def _parse_all(params: dict[str, Any]) -> dict[str, Any]:
+    data = parse_config(DataConfig, params["data"], "data")
+    task = parse_config(TaskConfig, params["task"], "task")
+    teacher = parse_teacher_config(params["teacher"], seed=check_seed(params["seed"]))
+    plan = plan_teacher(teacher, task, image_size=data.image_size, channels=data.channels)
+    evaluate = parse_evaluate_config(params["evaluate"], "evaluate")
+    for nfe in evaluate.teacher_nfe:  # the evaluation samples the teacher at each of these
+        plan.schedule.grid(nfe)
+    return {
+        "data": data,
+        "task": task,
+        "engine": parse_config(EngineConfig, params["engine"], "engine"),
+        "teacher": teacher,
+        "distill": parse_distill_config(params["distill"], "distill"),
+        "evaluate": evaluate,
+        "export": parse_config(ExportConfig, params["export"], "export"),
+    }
+
+
+@pytest.mark.parametrize("env", ["base", "test"])
+def test_shipped_envs_parse_for_every_pipeline(env: str) -> None:
+    parsed = _parse_all(load_params(env))
+    assert parsed["data"].source == "embedded"
+
+
+def test_imagenet256_requires_the_image_folder_and_names_the_key() -> None:
+    params = load_params("imagenet256")
+    with pytest.raises(ConfigError, match=r"data\.path.*required for source 'folder'"):
+        parse_config(DataConfig, params["data"], "data")
+
+
+def test_imagenet256_is_the_paper_scale_setting_once_the_folder_is_given(tmp_path) -> None:
+    params = load_params("imagenet256", data={"path": str(tmp_path)})
+    parsed = _parse_all(params)
+    data, teacher, distill, evaluate = (parsed[k] for k in ("data", "teacher", "distill", "evaluate"))
+    assert (data.source, data.path, data.image_size, data.channels) == ("folder", str(tmp_path), 256, 3)
+    assert teacher.model.network.preset == "adm256" and teacher.model.network.use_checkpoint is True
+    for config in (teacher, distill):
+        assert config.train.batch_size * config.distributed.nproc_per_node == 256
+        assert config.train.ema_decay == 0.99
+    assert teacher.train.lr == 5e-5
+    assert list(teacher.sampler.grid_nfe) == [1, 10, 100, 999]
+    assert distill.aux_steps == 5
+    assert (evaluate.num_images, evaluate.fid.dims) == (10000, 2048)
+    assert list(evaluate.teacher_nfe) == [1, 10, 100, 999]
+    # The env writes under its own data root (globals merged over base).
+    assert teacher.workdir.startswith("data/imagenet256/")
