@@ -26,7 +26,7 @@ from ibmd_pipeline.bridges.schedules import BridgeConfig, BridgeSchedule, make_s
 from ibmd_pipeline.engine.checkpoint import CheckpointError
 from ibmd_pipeline.engine.config import ConfigError, parse_config, require
 from ibmd_pipeline.networks.predictors import X0Predictor
-from ibmd_pipeline.networks.unet import UNet, UNetConfig, unet_preset
+from ibmd_pipeline.networks.unet import StateDictMismatchError, UNet, UNetConfig, unet_preset
 
 __all__ = [
     "CheckpointMismatchError",
@@ -197,7 +197,10 @@ def teacher_from_checkpoint(
     schedule = make_schedule(bridge)
     predictor = build_predictor(unet_config, schedule, bool(config["conditional"]))
     weights = checkpoint["ema" if use_ema else "models"]["model"]
-    predictor.net.load_state_dict(weights)
+    try:
+        predictor.net.load_state_dict(weights)
+    except StateDictMismatchError as err:  # weights of another network than the config describes
+        raise CheckpointMismatchError(f"the teacher checkpoint's weights do not fit its network: {err}") from err
     predictor.to(device).eval()
     predictor.requires_grad_(False)
     return LoadedTeacher(

@@ -1,0 +1,77 @@
+"""Two ``kedro run --env test --pipelines=degrade`` started together keep their outputs apart.
+
+Every versioned output goes to ``<filepath>/<save version>/<file>``, the save version being the
+session's timestamp (millisecond resolution). Two sessions therefore write disjoint version
+folders, each complete (atomic writes) and loadable. Two sessions created within the same
+millisecond would share a version: Kedro refuses a save whose versioned path exists, but that
+check and the write are not one atomic step, so the second of two truly simultaneous saves
+could replace the first's file (see docs/reliability.md); the test checks the timestamps differ.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from kedro.io.core import DatasetError, Version
+from PIL import Image
+
+from ibmd_pipeline.io.datasets import TensorBundleDataset
+
+CHILD = Path(__file__).with_name("_kedro_child.py")
+DATA = Path(__file__).resolve().parents[2] / "data" / "test"
+BUNDLES = {
+    "pairs_train": "05_model_input/pairs_train.npz",
+    "pairs_val": "05_model_input/pairs_val.npz",
+    "pairs_test": "05_model_input/pairs_test.npz",
+    "corrupted_train": "05_model_input/corrupted_train.npz",
+}
+GRID = "08_reporting/degrade_grid.png"
+
+
+def test_two_simultaneous_degrade_runs_write_distinct_complete_versions(tmp_path: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, str(CHILD), str(tmp_path / f"run{i}"), "degrade"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    versions = []
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+        versions.append(out.strip().splitlines()[-1].removeprefix("SESSION "))
+    assert versions[0] != versions[1], f"both sessions got save version {versions[0]} (same millisecond)"
+
+    for name, filepath in BUNDLES.items():
+        loaded = []
+        for version in versions:
+            folder = DATA / filepath / version
+            assert sorted(p.name for p in folder.iterdir()) == [Path(filepath).name], folder  # no temp files
+            loaded.append(TensorBundleDataset(filepath=str(DATA / filepath), version=Version(version, None)).load())
+        first, second = loaded
+        assert first.keys() == second.keys(), name
+        for key, value in first.items():  # same parameters and seed: the same bundle, twice
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, second[key]), f"{name}.{key}"
+            else:
+                assert value == second[key], f"{name}.{key}"
+    for version in versions:
+        with Image.open(DATA / GRID / version / Path(GRID).name) as image:
+            image.load()
+
+
+def test_a_second_save_into_an_existing_version_is_refused_and_keeps_the_first(tmp_path: Path):
+    """What a same-millisecond collision does when the saves do not overlap in time."""
+    path, version = tmp_path / "pairs.npz", "2026-01-01T00.00.00.000Z"
+    TensorBundleDataset(filepath=str(path), version=Version(None, version)).save({"x": torch.ones(2)})
+    with pytest.raises(DatasetError, match="must not exist if versioning is enabled"):
+        TensorBundleDataset(filepath=str(path), version=Version(None, version)).save({"x": torch.zeros(2)})
+    kept = TensorBundleDataset(filepath=str(path), version=Version(version, None)).load()
+    assert torch.equal(kept["x"], torch.ones(2))
