@@ -83,3 +83,13 @@ def test_missing_truncated_and_unsafe_files_are_named(tmp_path: Path):
 def test_map_location(tmp_path: Path):
     path = save_checkpoint(tmp_path / "c.pt", payload(3.0))
     assert load_checkpoint(path, map_location=torch.device("cpu"))["model"]["w"].device.type == "cpu"
+
+
+def test_no_overwrite_write_refuses_an_existing_file(tmp_path: Path):
+    path = save_checkpoint(tmp_path / "ckpt.pt", payload(1.0))
+    with pytest.raises(FileExistsError):
+        atomic_write(path, lambda handle: torch.save(payload(2.0), handle), overwrite=False)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    fresh = atomic_write(tmp_path / "new.pt", lambda handle: torch.save(payload(3.0), handle), overwrite=False)
+    assert torch.equal(load_checkpoint(fresh)["model"]["w"], torch.full((3,), 3.0))

@@ -20,10 +20,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupted or built for something else."""
 
 
-def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file through ``write(fileobj)`` into a temporary sibling, then rename it into place.
+def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None], *, overwrite: bool = True) -> Path:
+    """Write a file through ``write(fileobj)`` into a temporary sibling, then move it into place.
 
     A process killed mid-write leaves at most a ``.tmp`` file, never a truncated ``path``.
+    ``overwrite=False`` publishes with a hard link, which fails with ``FileExistsError`` when
+    ``path`` already exists (two runs that picked the same catalog version never mix files).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +35,11 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        if overwrite:
+            os.replace(tmp_name, path)
+        else:
+            os.link(tmp_name, path)
+            os.unlink(tmp_name)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

@@ -93,7 +93,7 @@ class TensorBundleDataset(_LocalVersionedDataset):
                 meta[key] = value
         arrays[_META_KEY] = np.array(json.dumps(meta))
         save_path = Path(self._get_save_path())
-        atomic_write(save_path, lambda f: np.savez_compressed(f, **arrays))
+        atomic_write(save_path, lambda f: np.savez_compressed(f, **arrays), overwrite=self._version is None)
 
 
 class TorchCheckpointDataset(_LocalVersionedDataset):
@@ -110,4 +110,4 @@ class TorchCheckpointDataset(_LocalVersionedDataset):
             raise DatasetError(f"{type(self).__name__} saves a dict, got {type(data).__name__}")
         data = {k: v for k, v in data.items() if k != "catalog_version"}
         save_path = Path(self._get_save_path())
-        atomic_write(save_path, lambda f: torch.save(data, f))
+        atomic_write(save_path, lambda f: torch.save(data, f), overwrite=self._version is None)
