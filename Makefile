@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export KEDRO_DISABLE_TELEMETRY := true
 
-.PHONY: setup run test viz test-airflow bench clean-test
+.PHONY: setup run test viz test-airflow airflow-check dags bench clean-test
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ viz: setup
 
 test-airflow: setup
 	$(BIN)/python -m pytest -m airflow -p no:cacheprovider tests/integration
+
+airflow-check: setup
+	$(BIN)/python scripts/airflow_check.py
+
+dags: setup
+	$(BIN)/kedro airflow create -j airflow/dag_template.j2 -t dags/ -p __default__,distill
 
 bench: setup
 	$(BIN)/python benchmarks/run_benchmarks.py --quick
