@@ -1,0 +1,87 @@
+"""Evaluation of teachers and students: which models at which NFE, on which images and seeds,
+the cached references (CA classifier, FID statistics), the records, the table, plots and grid.
+
+The metric math lives in :mod:`ibmd_pipeline.metrics`; this package decides what is measured
+and how it is reported. No Kedro here: the ``evaluate`` pipelines are thin wrappers.
+"""
+
+from ibmd_pipeline.evaluation.config import (
+    FID_DIMS,
+    CASettings,
+    EvaluateConfig,
+    FIDSettings,
+    LPIPSSettings,
+    SpeedSettings,
+    parse_evaluate_config,
+)
+from ibmd_pipeline.evaluation.references import (
+    CLASSIFIER_KIND,
+    REFRESH_HINT,
+    StaleReferenceError,
+    build_fid_scorer,
+    build_lpips_scorer,
+    check_references,
+    compute_fid_reference,
+    evaluated_count,
+    evaluated_subset,
+    fid_reference_images,
+    images_fingerprint,
+    reference_fingerprint,
+    train_reference_classifier,
+)
+from ibmd_pipeline.evaluation.report import best_teacher_nfe, grid_columns, metrics_table, plot_report
+from ibmd_pipeline.evaluation.runner import (
+    LPIPS_MIN_SIZE,
+    METRICS,
+    PSNR_CAP_DB,
+    STUDENT_NFE_CHOICES,
+    EvaluationResult,
+    MetricSuite,
+    ModelRun,
+    measure_speed,
+    resolve_student_nfe,
+    restore_images,
+    run_evaluation,
+    student_runs,
+    teacher_runs,
+)
+
+__all__ = [
+    "CLASSIFIER_KIND",
+    "FID_DIMS",
+    "LPIPS_MIN_SIZE",
+    "METRICS",
+    "PSNR_CAP_DB",
+    "REFRESH_HINT",
+    "STUDENT_NFE_CHOICES",
+    "CASettings",
+    "EvaluateConfig",
+    "EvaluationResult",
+    "FIDSettings",
+    "LPIPSSettings",
+    "MetricSuite",
+    "ModelRun",
+    "SpeedSettings",
+    "StaleReferenceError",
+    "best_teacher_nfe",
+    "build_fid_scorer",
+    "build_lpips_scorer",
+    "check_references",
+    "compute_fid_reference",
+    "evaluated_count",
+    "evaluated_subset",
+    "fid_reference_images",
+    "grid_columns",
+    "images_fingerprint",
+    "measure_speed",
+    "metrics_table",
+    "parse_evaluate_config",
+    "plot_report",
+    "reference_fingerprint",
+    "resolve_student_nfe",
+    "restore_images",
+    "run_evaluation",
+    "student_runs",
+    "teacher_runs",
+    "train_reference_classifier",
+]

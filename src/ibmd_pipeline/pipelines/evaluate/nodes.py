@@ -1,0 +1,124 @@
+"""Nodes of the ``evaluate`` pipelines: parameters in; references, metrics, table, plot and grid out.
+
+``evaluate_reference`` computes what does not depend on the models (the CA classifier and the
+FID reference statistics) once; ``evaluate_models`` loads the latest cached ones, checks that
+they belong to the test data, and scores the teacher and the student.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from matplotlib.figure import Figure
+from PIL import Image
+
+from ibmd_pipeline.degradations import TaskConfig
+from ibmd_pipeline.engine.config import ConfigError, parse_config
+from ibmd_pipeline.engine.devices import configure_threads, select_device
+from ibmd_pipeline.evaluation import (
+    compute_fid_reference,
+    grid_columns,
+    metrics_table,
+    parse_evaluate_config,
+    plot_report,
+    run_evaluation,
+    train_reference_classifier,
+)
+from ibmd_pipeline.pipelines.common import make_image_grid
+
+logger = logging.getLogger(__name__)
+
+Bundle = dict[str, Any]
+#: Enlarge grid tiles to at least this many pixels so that 32x32 images stay legible.
+GRID_MIN_TILE = 128
+_ENGINE_KEYS = ("device", "num_threads")
+
+
+def _engine_device(engine: dict[str, Any] | None) -> str:
+    """Check ``params:engine``, set the CPU threads, and return the device to evaluate on."""
+    unknown = sorted(set(engine or {}) - set(_ENGINE_KEYS))
+    if unknown:
+        raise ConfigError(f"engine.{unknown[0]}", f"unknown setting; allowed keys: {', '.join(_ENGINE_KEYS)}")
+    device = select_device((engine or {}).get("device", "auto"), key="engine.device")
+    configure_threads((engine or {}).get("num_threads", 0), key="engine.num_threads")
+    return str(device)
+
+
+def _check_task(pairs_test: Bundle, task: dict[str, Any]) -> None:
+    """The configured task must be the one the test pairs were made for."""
+    configured = parse_config(TaskConfig, task, "task").kind
+    made_for = (pairs_test.get("task") or {}).get("kind")
+    if made_for is not None and made_for != configured:
+        raise ConfigError(
+            "task.kind",
+            f"is '{configured}', but pairs_test was made for '{made_for}'; re-run the degrade pipeline",
+        )
+
+
+def _dataset_name(data: dict[str, Any] | None) -> str:
+    data = data or {}
+    source = data.get("source", "embedded")
+    return f"{source} ({data['path']})" if data.get("path") else str(source)
+
+
+def train_classifier_node(
+    pairs_train: Bundle, pairs_test: Bundle, evaluate: dict[str, Any], engine: dict[str, Any]
+) -> dict[str, Any]:
+    """Train the CA classifier on the clean training split (its clean-test accuracy inside)."""
+    config = parse_evaluate_config(evaluate)
+    _engine_device(engine)  # the classifier trains on the CPU; this sets the thread count
+    return train_reference_classifier(pairs_train, pairs_test, config, progress=True)
+
+
+def fid_reference_node(pairs_test: Bundle, evaluate: dict[str, Any], engine: dict[str, Any]) -> Bundle:
+    """FID reference statistics of the clean test images, with the fingerprint of those images."""
+    config = parse_evaluate_config(evaluate)
+    return compute_fid_reference(pairs_test, config, device=_engine_device(engine))
+
+
+def evaluate_models_node(
+    pairs_test: Bundle,
+    teacher_model: dict[str, Any],
+    student_model: dict[str, Any],
+    classifier_model: dict[str, Any],
+    fid_reference_stats: Bundle,
+    evaluate: dict[str, Any],
+    data: dict[str, Any],
+    task: dict[str, Any],
+    engine: dict[str, Any],
+) -> tuple[dict[str, Any], Image.Image]:
+    """Score teacher and student on the same test images and seeds; returns the metrics report
+    and the sample grid (corrupted | teacher NFE 1 | teacher best NFE | student | clean).
+
+    Settings, checkpoints (task, image size, channels) and cached references are all checked
+    before any sampling starts.
+    """
+    config = parse_evaluate_config(evaluate)
+    _check_task(pairs_test, task)
+    device = _engine_device(engine)
+    result = run_evaluation(
+        pairs_test,
+        teacher_model,
+        student_model,
+        config,
+        fid_reference=fid_reference_stats,
+        classifier=classifier_model,
+        device=device,
+        dataset=_dataset_name(data),
+    )
+    columns = grid_columns(result.report, result.samples)
+    logger.info("evaluate_grid columns: %s", " | ".join(title for title, _ in columns))
+    scale = max(1, GRID_MIN_TILE // int(pairs_test["clean"].shape[-1]))
+    grid = make_image_grid([images for _, images in columns], scale=scale)
+    return result.report, grid
+
+
+def make_metrics_table(metrics: dict[str, Any]) -> str:
+    """The metrics as a markdown table in the paper's style."""
+    return metrics_table(metrics)
+
+
+def plot_metrics(metrics: dict[str, Any]) -> Figure:
+    """FID and CA against NFE, and FID against seconds per image."""
+    return plot_report(metrics)
