@@ -2,14 +2,28 @@
 
 from kedro.pipeline import Pipeline
 
-from ibmd_pipeline.pipelines import degrade
+from ibmd_pipeline.pipelines import degrade, distill, evaluate, export, teacher
 
 # Order of the full run: each pipeline consumes the persisted outputs of the previous ones.
-PIPELINE_ORDER = ("degrade", "teacher", "distill", "evaluate")
+PIPELINE_ORDER = ("degrade", "teacher", "distill", "export", "evaluate")
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """Register the project's pipelines by name; ``__default__`` runs them all in order."""
-    pipelines = {"degrade": degrade.create_pipeline()}
-    pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
+    """Register the project's pipelines by name; ``__default__`` runs them all in order.
+
+    ``evaluate`` = ``evaluate_reference`` (classifier and FID statistics of the clean test set,
+    cached in the catalog) + ``evaluate_models``; rerun ``evaluate_models`` alone after a new
+    distillation. ``export_onnx`` is outside the default run: it needs the optional ``onnx`` extra.
+    """
+    pipelines = {
+        "degrade": degrade.create_pipeline(),
+        "teacher": teacher.create_pipeline(),
+        "distill": distill.create_pipeline(),
+        "export": export.create_pipeline(),
+        "evaluate": evaluate.create_pipeline(),
+    }
+    pipelines["__default__"] = sum((pipelines[name] for name in PIPELINE_ORDER), Pipeline([]))
+    pipelines["evaluate_reference"] = evaluate.create_reference_pipeline()
+    pipelines["evaluate_models"] = evaluate.create_models_pipeline()
+    pipelines["export_onnx"] = export.create_onnx_pipeline()
     return pipelines

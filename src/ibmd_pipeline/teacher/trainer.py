@@ -1,0 +1,452 @@
+"""Training a diffusion-bridge teacher with the bridge-matching loss (method doc, section 1).
+
+    min_phi  E_{(x0, xT), t, x_t ~ q(x_t | x0, xT)}  lambda(t) || x0_hat_phi(x_t, t [, xT]) - x0 ||^2
+
+with each schedule's own weighting ``lambda(t) = 1 / c_out(t)^2`` (``bridges.losses``); a
+conditional (DDBM) network also sees ``xT``; for inpainting the error is taken over the hole.
+
+:func:`train_teacher` is the per-rank training function. It runs as is in one process (the
+Kedro node with ``nproc_per_node = 1``, the tests) and unchanged in every worker of
+``engine.distributed.launch_local`` / ``torchrun``: the configured batch is per rank, each rank
+reads its shard of every global batch, gradients are averaged by DDP, logged losses are
+averaged over ranks, and only rank 0 validates, shows progress and exports. The loop itself
+(AdamW, EMA, clipping, LR warm-up and schedule, NaN guard, atomic resumable working
+checkpoints) is ``engine.training.run_training``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ibmd_pipeline.bridges.losses import bridge_matching_loss
+from ibmd_pipeline.bridges.schedules import BridgeSchedule, make_schedule
+from ibmd_pipeline.degradations import TaskConfig
+from ibmd_pipeline.engine.config import ConfigError, config_to_dict, parse_config
+from ibmd_pipeline.engine.devices import autocast_context, describe_device, select_device
+from ibmd_pipeline.engine.distributed import (
+    DistContext,
+    all_reduce_mean,
+    init_distributed,
+    seed_for_rank,
+    split_global_batch,
+    wrap_ddp,
+)
+from ibmd_pipeline.engine.training import (
+    NonFiniteLossError,
+    config_differences,
+    ResumeMismatchError,
+    TrainingState,
+    create_training_state,
+    epoch_batch_indices,
+    export_checkpoint,
+    optimizer_step,
+    run_training,
+    seed_everything,
+)
+from ibmd_pipeline.networks.predictors import X0Predictor
+from ibmd_pipeline.networks.unet import UNet
+from ibmd_pipeline.teacher.config import TeacherConfig
+from ibmd_pipeline.teacher.model import (
+    CheckpointMismatchError,
+    ResolvedTeacher,
+    check_checkpoint_matches,
+    resolve_teacher,
+)
+
+__all__ = [
+    "PairTensors",
+    "TeacherPlan",
+    "FixedValidationBatch",
+    "bundle_pairs",
+    "check_teacher_checkpoint",
+    "plan_teacher",
+    "task_from_params",
+    "train_teacher",
+    "train_teacher_worker",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Offset of the validation batch's random stream from the training seed (times and noise).
+_VALIDATION_STREAM = 7_919
+History = list[dict[str, float]]
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """A teacher run with every ``auto`` decided: the bridge, network and its schedule."""
+
+    task: TaskConfig
+    image_size: int
+    channels: int
+    resolved: ResolvedTeacher
+    schedule: BridgeSchedule
+
+    def checkpoint_config(self, config: TeacherConfig) -> dict[str, Any]:
+        """The ``config`` entry of the teacher checkpoint (``teacher.model`` docstring format)."""
+        return {
+            "bridge": config_to_dict(self.resolved.bridge),
+            "unet": config_to_dict(self.resolved.unet),
+            "conditional": self.resolved.conditional,
+            "task": config_to_dict(self.task),
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "teacher": config_to_dict(config),
+        }
+
+
+def task_from_params(task: Mapping[str, Any] | TaskConfig, key: str = "task") -> TaskConfig:
+    """``params:task`` as a validated :class:`TaskConfig`."""
+    return task if isinstance(task, TaskConfig) else parse_config(TaskConfig, task, key)
+
+
+def plan_teacher(
+    config: TeacherConfig, task: TaskConfig, *, image_size: int, channels: int, key: str = "teacher"
+) -> TeacherPlan:
+    """Resolve the teacher for ``task`` and check every setting that depends on it.
+
+    Raises :class:`ConfigError` naming the key: e.g. an OT-ODE DDBM, a network that does not
+    fit the image size, or a grid NFE the schedule cannot take (I2SB: at most n_timesteps - 1).
+    """
+    resolved = resolve_teacher(
+        config.model, task_kind=task.kind, image_size=image_size, channels=channels, key=f"{key}.model"
+    )
+    schedule = make_schedule(resolved.bridge)
+    for i, nfe in enumerate(config.sampler.grid_nfe):
+        try:
+            schedule.grid(nfe)
+        except ValueError as err:
+            raise ConfigError(f"{key}.sampler.grid_nfe[{i}]", str(err)) from None
+    return TeacherPlan(
+        task=task, image_size=image_size, channels=channels, resolved=resolved, schedule=schedule
+    )
+
+
+def check_teacher_checkpoint(checkpoint: Mapping[str, Any], plan: TeacherPlan) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``checkpoint`` is the teacher ``plan`` describes.
+
+    Checks the task, image size and channels (``check_checkpoint_matches``), then the bridge,
+    network and conditioning that the current ``teacher.model`` parameters resolve to.
+    """
+    if checkpoint.get("kind") != "teacher":
+        raise CheckpointMismatchError(f"expected a teacher checkpoint, got kind {checkpoint.get('kind')!r}")
+    stored = checkpoint.get("config", {})
+    check_checkpoint_matches(
+        stored, what="teacher", task_kind=plan.task.kind, image_size=plan.image_size, channels=plan.channels
+    )
+    requested = {
+        "bridge": config_to_dict(plan.resolved.bridge),
+        "unet": config_to_dict(plan.resolved.unet),
+        "conditional": plan.resolved.conditional,
+    }
+    differences = config_differences({k: stored.get(k) for k in requested}, requested)
+    if differences:
+        raise CheckpointMismatchError(
+            "the teacher checkpoint was built with another bridge or network than the teacher.model "
+            f"parameters ask for ({'; '.join(differences[:6])}{' ...' if len(differences) > 6 else ''}); "
+            "retrain the teacher or restore the parameters it was trained with"
+        )
+
+
+@dataclass(frozen=True)
+class PairTensors:
+    """Clean/corrupted pairs (and the inpainting mask) of one split, as float32 tensors."""
+
+    clean: Tensor
+    corrupted: Tensor
+    mask: Tensor | None
+
+    def __len__(self) -> int:
+        return int(self.clean.shape[0])
+
+    def to(self, device: torch.device) -> PairTensors:
+        mask = None if self.mask is None else self.mask.to(device)
+        return PairTensors(self.clean.to(device), self.corrupted.to(device), mask)
+
+    def head(self, n: int) -> PairTensors:
+        """The first ``n`` pairs."""
+        mask = None if self.mask is None else self.mask[:n]
+        return PairTensors(self.clean[:n], self.corrupted[:n], mask)
+
+    def fingerprint(self) -> str:
+        """A short content hash, so a working checkpoint is never resumed on other data."""
+        digest = hashlib.sha256()
+        for tensor in (self.clean, self.corrupted, self.mask):
+            if tensor is not None:
+                digest.update(str(tuple(tensor.shape)).encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def _same_task(stored: Mapping[str, Any], task: TaskConfig) -> bool:
+    if stored.get("kind") != task.kind:
+        return False
+    if task.kind == "jpeg":
+        return stored.get("jpeg_quality") == task.jpeg_quality
+    if task.kind == "sketch":
+        return stored.get("sketch_sigma") == task.sketch_sigma
+    return True
+
+
+def bundle_pairs(bundle: Mapping[str, Any], task: TaskConfig, name: str) -> PairTensors:
+    """The pairs of a degrade bundle, checked against ``task``.
+
+    The bundle must hold ``clean`` and ``corrupted`` images of one shape (and ``mask`` for
+    inpainting), degraded for the same task as the parameters say.
+    """
+    missing = [k for k in ("clean", "corrupted") if k not in bundle]
+    if task.has_mask and "mask" not in bundle:
+        missing.append("mask")
+    if missing:
+        raise ValueError(f"the {name} bundle lacks {missing}; it must come from the degrade pipeline")
+    stored = bundle.get("task")
+    if isinstance(stored, Mapping) and not _same_task(stored, task):
+        raise ConfigError(
+            "task",
+            f"the {name} pairs were degraded for task {dict(stored)}, but the parameters say "
+            f"{config_to_dict(task)}; re-run the degrade pipeline with this task",
+        )
+    clean = torch.as_tensor(bundle["clean"]).float()
+    corrupted = torch.as_tensor(bundle["corrupted"]).float()
+    if clean.ndim != 4 or clean.shape != corrupted.shape or clean.shape[0] == 0:
+        raise ValueError(
+            f"the {name} bundle needs clean and corrupted images of one shape (N, C, H, W), N >= 1; "
+            f"got {tuple(clean.shape)} and {tuple(corrupted.shape)}"
+        )
+    if clean.shape[-1] != clean.shape[-2]:
+        raise ValueError(f"the {name} images must be square, got {tuple(clean.shape[-2:])}")
+    mask = None
+    if task.has_mask:
+        mask = torch.as_tensor(bundle["mask"]).float()
+        if mask.shape != (clean.shape[0], 1, *clean.shape[2:]):
+            raise ValueError(f"the {name} mask has shape {tuple(mask.shape)}, expected (N, 1, H, W)")
+    return PairTensors(clean.contiguous(), corrupted.contiguous(), mask)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class FixedValidationBatch:
+    """The validation loss on one fixed batch: fixed images, times and noise.
+
+    With everything random drawn once, the value moves only with the weights, so a curve of
+    it is smooth even for a small batch. Evaluated in chunks of ``chunk`` images, in float32.
+    """
+
+    def __init__(
+        self, pairs: PairTensors, schedule: BridgeSchedule, *, seed: int, device: torch.device, chunk: int
+    ):
+        generator = torch.Generator().manual_seed(seed + _VALIDATION_STREAM)
+        self.pairs = pairs.to(device)
+        self.schedule = schedule
+        self.chunk = max(1, chunk)
+        self.t = schedule.sample_time(len(pairs), generator=generator).to(device)
+        self.noise = (
+            None
+            if schedule.deterministic
+            else torch.randn(pairs.clean.shape, generator=generator).to(device)
+        )
+
+    @torch.no_grad()
+    def loss(self, predictor: X0Predictor) -> float:
+        """Mean bridge-matching loss of ``predictor`` on the batch."""
+        losses = []
+        for start in range(0, len(self.pairs), self.chunk):
+            part = slice(start, start + self.chunk)
+            losses.append(
+                bridge_matching_loss(
+                    predictor,
+                    self.pairs.clean[part],
+                    self.pairs.corrupted[part],
+                    self.schedule,
+                    t=self.t[part],
+                    noise=None if self.noise is None else self.noise[part],
+                    mask=None if self.pairs.mask is None else self.pairs.mask[part],
+                    reduction="none",
+                )
+            )
+        return float(torch.cat(losses).float().mean())
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _working_dir(workdir: str | None, ctx: DistContext) -> Path | None:
+    """Rank 0 keeps ``workdir/last.pt``; other ranks keep their own RNG streams in ``rank<r>/``."""
+    if workdir is None:
+        return None
+    return Path(workdir) if ctx.is_main else Path(workdir) / f"rank{ctx.rank}"
+
+
+def _check_ranks_agree(step: int, ctx: DistContext) -> None:
+    """Fail on every rank (instead of hanging) when the ranks resumed from different steps."""
+    if not ctx.distributed:
+        return
+    steps = torch.tensor([step, -step], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    if steps[0] != -steps[1]:
+        raise ResumeMismatchError(
+            f"the ranks resumed from different steps ({int(-steps[1])} to {int(steps[0])}): a run was "
+            "stopped between the ranks' working checkpoints; delete the teacher workdir to start afresh"
+        )
+
+
+def train_teacher(
+    config: TeacherConfig,
+    train_bundle: Mapping[str, Any],
+    val_bundle: Mapping[str, Any],
+    *,
+    task: Mapping[str, Any] | TaskConfig,
+    device: torch.device | str = "auto",
+    ctx: DistContext | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], History]:
+    """Train a bridge teacher on ``train_bundle``; returns ``(checkpoint, history)``.
+
+    config: the run (``TeacherConfig``). train_bundle / val_bundle: degrade bundles
+        (``clean``, ``corrupted``, ``mask`` for inpainting). task: ``params:task``.
+    device: ``auto``/``cpu``/``cuda[:N]`` or a device; ignored when ``ctx`` is given.
+    ctx: this process's place in a distributed job (default: one process on ``device``).
+    progress: show a tqdm bar (rank 0 only) with the loss and it/s.
+
+    The checkpoint follows ``teacher.model``: ``{"kind": "teacher", "config", "models":
+    {"model"}, "ema": {"model"}, "step", "history"}`` with CPU tensors. ``history`` holds one
+    record per ``train.log_every`` steps (window means of ``loss``, the gradient norm, the
+    learning rate, ``sec_per_step``) plus ``val_loss`` (the EMA model on the fixed validation
+    batch) where validated; only rank 0's records carry ``val_loss``.
+
+    With ``workdir`` set, a working checkpoint is written every ``train.checkpoint_every``
+    steps and at the end, and an interrupted run re-started with the same settings and data
+    continues from it, bit for bit on the CPU.
+    """
+    if ctx is None:
+        ctx = DistContext.single_process(select_device(device) if isinstance(device, str) else device)
+    device = ctx.device
+    task_config = task_from_params(task)
+    train_pairs = bundle_pairs(train_bundle, task_config, "training")
+    val_pairs = bundle_pairs(val_bundle, task_config, "validation")
+    if train_pairs.clean.shape[1:] != val_pairs.clean.shape[1:]:
+        raise ValueError(
+            f"training images {tuple(train_pairs.clean.shape[1:])} and validation images "
+            f"{tuple(val_pairs.clean.shape[1:])} differ in shape"
+        )
+    channels, image_size = int(train_pairs.clean.shape[1]), int(train_pairs.clean.shape[-1])
+    plan = plan_teacher(config, task_config, image_size=image_size, channels=channels)
+    schedule, resolved = plan.schedule, plan.resolved
+    use_bf16 = config.autocast_bf16(device)
+    if ctx.is_main:
+        logger.info(
+            "teacher for %s: %s bridge, %s network, %d training pairs, %s%s, world size %d",
+            task_config.kind,
+            resolved.bridge.kind + (" OT-ODE" if resolved.bridge.ot_ode else ""),
+            "conditional" if resolved.conditional else "unconditional",
+            len(train_pairs),
+            describe_device(device),
+            ", bf16 autocast" if use_bf16 else "",
+            ctx.world_size,
+        )
+
+    # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
+    seed_everything(config.train.seed)
+    net = UNet(resolved.unet)
+    # Each rank draws its own times and noise; the data order uses the shared seed.
+    rank_train = dataclasses.replace(config.train, seed=seed_for_rank(config.train.seed, ctx))
+    state = create_training_state({"model": net}, rank_train, device=device)
+    train_predictor = X0Predictor(wrap_ddp(state.models["model"], ctx), schedule, resolved.conditional)
+    ema_predictor = X0Predictor(state.emas["model"].shadow, schedule, resolved.conditional)
+
+    data = train_pairs.to(device)
+    global_batch = config.train.batch_size * ctx.world_size
+    # Batches are gathered into these buffers: no per-step allocation of the inputs.
+    x0 = torch.empty((config.train.batch_size, *data.clean.shape[1:]), device=device)
+    xT = torch.empty_like(x0)
+    mask = None if data.mask is None else torch.empty((x0.shape[0], *data.mask.shape[1:]), device=device)
+    checked_ranks = False
+
+    def step_fn(state: TrainingState, step: int) -> dict[str, float]:
+        nonlocal checked_ranks
+        if not checked_ranks:
+            _check_ranks_agree(step, ctx)
+            checked_ranks = True
+        indices = epoch_batch_indices(len(data), global_batch, step, config.train.seed)
+        indices = split_global_batch(indices, ctx).to(device)
+        torch.index_select(data.clean, 0, indices, out=x0)
+        torch.index_select(data.corrupted, 0, indices, out=xT)
+        if mask is not None:
+            torch.index_select(data.mask, 0, indices, out=mask)
+        # CUDA autocast comes from run_training; on the CPU it is opt-in (config.cpu_bf16).
+        with autocast_context(device, use_bf16, allow_cpu=True):
+            loss = bridge_matching_loss(
+                train_predictor, x0, xT, schedule, mask=mask, generator=state.device_generator
+            )
+        # Decide on the rank-averaged value so that every rank stops (or skips) together.
+        mean_loss = all_reduce_mean(loss, ctx)
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(step, "loss", mean_loss)
+        optimizer_step(state, "model", loss)
+        return {"loss": mean_loss}
+
+    validation = (
+        FixedValidationBatch(
+            val_pairs.head(config.validation.batch_size),
+            schedule,
+            seed=config.train.seed,
+            device=device,
+            chunk=config.train.batch_size,
+        )
+        if ctx.is_main
+        else None
+    )
+
+    def on_log(state: TrainingState, record: dict[str, float]) -> None:
+        every = config.validation.every
+        due = state.step == config.train.steps or (every > 0 and state.step % every == 0)
+        if validation is not None and due:
+            # ``record`` is the history entry just appended: the value travels with it.
+            record["val_loss"] = validation.loss(ema_predictor)
+
+    run_config = {
+        "kind": "teacher",
+        **{k: v for k, v in plan.checkpoint_config(config).items() if k != "teacher"},
+        "data": {"train_pairs": len(train_pairs), "fingerprint": train_pairs.fingerprint()},
+        "world_size": ctx.world_size,
+        "autocast_bf16": use_bf16,
+    }
+    run_training(
+        state,
+        step_fn,
+        workdir=_working_dir(config.workdir, ctx),
+        run_config=run_config,
+        progress_desc=f"teacher ({task_config.kind})",
+        on_log=on_log,
+        progress=progress and ctx.is_main,
+    )
+    checkpoint = export_checkpoint(state, plan.checkpoint_config(config), extra={"kind": "teacher"})
+    return checkpoint, checkpoint["history"]
+
+
+def train_teacher_worker(
+    config: TeacherConfig,
+    train_bundle: Mapping[str, Any],
+    val_bundle: Mapping[str, Any],
+    task: Mapping[str, Any],
+    device: str,
+    progress: bool = True,
+) -> tuple[dict[str, Any], History]:
+    """Entry point of one spawned worker (``launch_local(train_teacher_worker, nproc, ...)``)."""
+    ctx = init_distributed(config.distributed, device_preference=device)
+    return train_teacher(config, train_bundle, val_bundle, task=task, ctx=ctx, progress=progress)

@@ -1,0 +1,215 @@
+"""Teacher training: the loss falls, checkpoints round-trip, resume is exact, all task variants run."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from ibmd_pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
+from ibmd_pipeline.engine.distributed import DistributedConfig, launch_local
+from ibmd_pipeline.io.datasets import TorchCheckpointDataset
+from ibmd_pipeline.teacher import (
+    FixedValidationBatch,
+    bundle_pairs,
+    parse_teacher_config,
+    plan_teacher,
+    task_from_params,
+    teacher_from_checkpoint,
+    train_teacher,
+    train_teacher_worker,
+)
+from ibmd_pipeline.teacher import trainer as trainer_module
+
+IMAGE_SIZE = 16  # tests/teacher/conftest.py
+
+
+def train(params, bundles, kind="sr4x_pool", **kwargs):
+    train_bundle, val_bundle = bundles
+    config = parse_teacher_config(params, seed=0)
+    return train_teacher(
+        config, train_bundle, val_bundle, task={"kind": kind}, device="cpu", progress=False, **kwargs
+    )
+
+
+def comparable(history):
+    """History records without the wall-clock field."""
+    return [{k: v for k, v in record.items() if k != "sec_per_step"} for record in history]
+
+
+def test_tiny_teacher_loss_falls_on_a_fixed_dataset(sr_bundles, tiny_params):
+    params = tiny_params(train={"steps": 40, "log_every": 10, "lr": 3e-3}, validation={"every": 10})
+    checkpoint, history = train(params, sr_bundles)
+    losses = [record["loss"] for record in history]
+    val_losses = [record["val_loss"] for record in history]
+    assert [record["step"] for record in history] == [10, 20, 30, 40]
+    assert losses[-1] < 0.7 * losses[0]
+    assert val_losses[-1] < 0.7 * val_losses[0]
+    assert checkpoint["step"] == 40 and checkpoint["history"] == history
+    # The EMA moved away from the raw weights, but stays a blend of them.
+    ema, raw = checkpoint["ema"]["model"], checkpoint["models"]["model"]
+    assert any(not torch.equal(ema[name], raw[name]) for name in raw)
+
+
+def test_checkpoint_follows_the_teacher_format_and_round_trips_bit_identically(sr_teacher, tmp_path):
+    assert sr_teacher["kind"] == "teacher" and sr_teacher["step"] == 10
+    config = sr_teacher["config"]
+    assert {"bridge", "unet", "conditional", "task", "image_size", "channels", "teacher"} <= set(config)
+    assert (config["task"]["kind"], config["image_size"], config["channels"]) == ("sr4x_pool", IMAGE_SIZE, 1)
+    bridge = config["bridge"]
+    assert (bridge["kind"], bridge["beta_max"], config["conditional"]) == ("i2sb", 0.3, False)
+    assert config["teacher"]["model"]["network"]["preset"] == "tiny"
+
+    save_checkpoint(tmp_path / "teacher.pt", sr_teacher)
+    reloaded = load_checkpoint(tmp_path / "teacher.pt")  # weights_only=True
+    dataset = TorchCheckpointDataset(filepath=str(tmp_path / "catalog" / "teacher.pt"))
+    dataset.save(sr_teacher)
+    from_catalog = dataset.load()
+    x_t = torch.randn(4, 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.1, 0.4, 0.7, 1.0])
+    outputs = []
+    for payload in (sr_teacher, reloaded, from_catalog):
+        teacher = teacher_from_checkpoint(payload, task_kind="sr4x_pool", image_size=IMAGE_SIZE, channels=1)
+        outputs.append(teacher.predictor(x_t, t, xT=x_t))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    # The EMA weights are what the rebuilt teacher uses by default.
+    teacher = teacher_from_checkpoint(reloaded)
+    for name, value in teacher.predictor.net.state_dict().items():
+        assert torch.equal(value, sr_teacher["ema"]["model"][name])
+
+
+def test_an_interrupted_run_resumes_and_matches_the_uninterrupted_run(
+    sr_bundles, tmp_path, monkeypatch, tiny_params
+):
+    params = tiny_params(train={"steps": 12, "checkpoint_every": 5, "log_every": 2})
+    reference, reference_history = train({**params, "workdir": str(tmp_path / "a")}, sr_bundles)
+
+    real_loss, calls = trainer_module.bridge_matching_loss, {"n": 0}
+
+    def crash_at_step_eight(*args, **kwargs):
+        if kwargs.get("t") is None:  # a training step (validation passes fixed times)
+            calls["n"] += 1
+            if calls["n"] == 8:
+                raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args, **kwargs)
+
+    workdir = tmp_path / "b"
+    monkeypatch.setattr(trainer_module, "bridge_matching_loss", crash_at_step_eight)
+    with pytest.raises(KeyboardInterrupt):
+        train({**params, "workdir": str(workdir)}, sr_bundles)
+    assert load_checkpoint(workdir / "last.pt")["step"] == 5
+    monkeypatch.setattr(trainer_module, "bridge_matching_loss", real_loss)
+
+    resumed, resumed_history = train({**params, "workdir": str(workdir)}, sr_bundles)
+    assert resumed["step"] == 12
+    assert comparable(resumed_history) == comparable(reference_history)
+    for group in ("models", "ema"):
+        for name, value in reference[group]["model"].items():
+            assert torch.equal(resumed[group]["model"][name], value), f"{group}: {name}"
+    # Re-running a finished run trains nothing and returns the same weights.
+    again, _ = train({**params, "workdir": str(workdir)}, sr_bundles)
+    assert all(torch.equal(again["ema"]["model"][k], v) for k, v in resumed["ema"]["model"].items())
+
+
+def test_a_working_checkpoint_of_other_data_is_not_resumed(sr_bundles, tmp_path, tiny_params, make_bundle):
+    from ibmd_pipeline.engine.training import ResumeMismatchError
+
+    params = tiny_params(train={"steps": 2, "warmup_steps": 0}, workdir=str(tmp_path))
+    train(params, sr_bundles)
+    other = (make_bundle("sr4x_pool", 24, seed=5), sr_bundles[1])
+    with pytest.raises(ResumeMismatchError, match="fingerprint"):
+        train(params, other)
+
+
+@pytest.mark.parametrize(
+    ("kind", "schedule", "conditional", "beta_max", "ot_ode"),
+    [
+        ("inpaint_center", "i2sb", False, 1.0, True),
+        ("sketch", "ddbm_vp", True, None, False),
+        ("jpeg", "i2sb", False, 0.3, False),
+    ],
+)
+def test_task_variants_train_with_the_papers_teacher(
+    kind, schedule, conditional, beta_max, ot_ode, tiny_params, make_bundle
+):
+    bundles = (make_bundle(kind, 16, seed=0), make_bundle(kind, 6, seed=100))
+    checkpoint, history = train(tiny_params(train={"steps": 4}), bundles, kind=kind)
+    config = checkpoint["config"]
+    assert config["bridge"]["kind"] == schedule and config["conditional"] is conditional
+    assert config["bridge"]["ot_ode"] is ot_ode
+    if beta_max is not None:
+        assert config["bridge"]["beta_max"] == beta_max
+    assert config["unet"]["in_channels"] == (2 if conditional else 1)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r.get("val_loss", 0.0)])).all() for r in history)
+    teacher = teacher_from_checkpoint(checkpoint, task_kind=kind)
+    assert teacher.conditional is conditional
+
+
+def test_inpainting_loss_is_taken_over_the_hole_only(tiny_params, make_bundle, monkeypatch):
+    bundle = make_bundle("inpaint_center", 8, seed=0)
+    task = task_from_params({"kind": "inpaint_center"})
+    plan = plan_teacher(parse_teacher_config(tiny_params()), task, image_size=IMAGE_SIZE, channels=1)
+    pairs = bundle_pairs(bundle, task, "validation")
+    validation = FixedValidationBatch(pairs, plan.schedule, seed=0, device=torch.device("cpu"), chunk=4)
+    predictor = trainer_module.X0Predictor(trainer_module.UNet(plan.resolved.unet), plan.schedule, False)
+    hole = pairs.mask[:1]  # every image has the same central hole
+
+    def wrong_outside_the_hole(x_t, t, xT=None):
+        return predictor(x_t, t, xT=xT) + 10.0 * (1.0 - hole)
+
+    def wrong_inside_the_hole(x_t, t, xT=None):
+        return predictor(x_t, t, xT=xT) + 10.0 * hole
+
+    exact = validation.loss(predictor)
+    assert validation.loss(wrong_outside_the_hole) == pytest.approx(exact, rel=1e-6)
+    assert validation.loss(wrong_inside_the_hole) > 10 * exact
+
+    # Training steps pass the batch's mask to the loss too.
+    seen = []
+    real_loss = trainer_module.bridge_matching_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("mask"))
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "bridge_matching_loss", spy)
+    train(tiny_params(train={"steps": 2, "warmup_steps": 0}), (bundle, bundle), kind="inpaint_center")
+    assert len(seen) >= 2 and all(m is not None and torch.equal(m, pairs.mask[: len(m)]) for m in seen)
+
+
+def test_validation_loss_is_recorded_at_its_interval_and_at_the_end(sr_bundles, tiny_params):
+    _, history = train(tiny_params(train={"steps": 10, "log_every": 2}, validation={"every": 4}), sr_bundles)
+    assert [r["step"] for r in history if "val_loss" in r] == [4, 8, 10]
+    task = task_from_params({"kind": "sr4x_pool"})
+    plan = plan_teacher(parse_teacher_config(tiny_params()), task, image_size=IMAGE_SIZE, channels=1)
+    pairs = bundle_pairs(sr_bundles[1], task, "validation")
+    batch = FixedValidationBatch(pairs, plan.schedule, seed=3, device=torch.device("cpu"), chunk=3)
+    predictor = trainer_module.X0Predictor(trainer_module.UNet(plan.resolved.unet), plan.schedule, False)
+    assert batch.loss(predictor) == batch.loss(predictor)  # fixed times and noise
+
+
+def test_bundles_for_another_task_are_refused(sr_bundles, tiny_params):
+    from ibmd_pipeline.engine.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        train(tiny_params(), sr_bundles, kind="sr4x_bicubic")
+    assert err.value.key == "task" and "re-run the degrade pipeline" in str(err.value)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_one_teacher(sr_bundles, tmp_path, tiny_params):
+    params = tiny_params(train={"steps": 4, "batch_size": 4, "checkpoint_every": 2}, workdir=str(tmp_path))
+    config = parse_teacher_config({**params, "distributed": {"nproc_per_node": 2}}, seed=0)
+    checkpoint, history = launch_local(
+        train_teacher_worker,
+        2,
+        args=(config, *sr_bundles, {"kind": "sr4x_pool"}, "cpu", False),
+        config=DistributedConfig(nproc_per_node=2, timeout_s=120),
+    )
+    assert checkpoint["step"] == 4 and history[-1]["step"] == 4 and "val_loss" in history[-1]
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "rank1" / "last.pt").is_file()
+    # Both ranks ended with the same weights (DDP averaged the gradients).
+    rank1 = load_checkpoint(tmp_path / "rank1" / "last.pt")["models"]["model"]
+    assert all(torch.equal(rank1[k], v) for k, v in checkpoint["models"]["model"].items())
+    teacher = teacher_from_checkpoint(checkpoint, task_kind="sr4x_pool")
+    assert teacher.config["teacher"]["distributed"]["nproc_per_node"] == 2
