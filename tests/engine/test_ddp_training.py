@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import sys
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -199,9 +199,9 @@ def test_ddp_teacher_losses_are_rank_means_and_agree_on_every_rank(teacher_runs)
 
 
 def test_ddp_teacher_working_checkpoints_one_per_rank_rank0s_at_the_top(teacher_runs) -> None:
-    """Rank 0 owns ``workdir/last.pt``; rank r keeps its own resume state (its random streams)
-    in ``workdir/rank<r>/`` (the trainer's documented layout), with the same weights."""
-    work = teacher_runs["root"] / "ddp_work"
+    """Rank 0 owns ``workdir/<run folder>/last.pt``; rank r keeps its own resume state (its random
+    streams) in ``<run folder>/rank<r>/`` (the trainer's documented layout), with the same weights."""
+    (work,) = (teacher_runs["root"] / "ddp_work").glob("run-*")
     checkpoints = [name for name in _files(work) if name.endswith(".pt")]
     assert checkpoints == ["last.pt", "rank1/last.pt"], checkpoints
     main, other = load_checkpoint(work / "last.pt"), load_checkpoint(work / "rank1" / "last.pt")
@@ -274,7 +274,6 @@ def test_run_stage_rejects_pairs_for_distillation_and_a_missing_teacher(tmp_path
         run_stage("distill", params, pairs, teacher=teacher)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_torchrun_entry_point_writes_one_checkpoint_and_registers_it(tmp_path, data) -> None:
     from kedro.io.core import Version
 
@@ -291,7 +290,7 @@ def test_torchrun_entry_point_writes_one_checkpoint_and_registers_it(tmp_path, d
     output, entry = tmp_path / "out" / "teacher.pt", tmp_path / "06_models" / "teacher.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
-        shutil.which("torchrun"), "--standalone", "--nproc-per-node", str(WORLD),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
         "-m", "ibmd_pipeline.engine.train",
         "--stage", "teacher", "--config", str(config), "--data", str(train), "--val-data", str(val),
         "--output", str(output), "--register-catalog", str(entry), "--no-progress",

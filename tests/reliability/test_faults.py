@@ -86,7 +86,8 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path: Path, 
     message = str(err)
     assert f"step {POISONED_STEP}" in message and "loss" in message and "last.pt" in message
 
-    working = load_checkpoint(tmp_path / "last.pt")
+    (run_folder,) = tmp_path.glob("run-*")  # one working folder per configuration
+    working = load_checkpoint(run_folder / "last.pt")
     assert working["step"] == POISONED_STEP - POISONED_STEP % CHECKPOINT_EVERY  # 4: the last one before the fault
     for weights in list(working["models"].values()) + [e["shadow"] for e in working["ema"].values()]:
         assert all(torch.isfinite(value).all() for value in weights.values())

@@ -97,7 +97,8 @@ def test_an_interrupted_run_resumes_and_matches_the_uninterrupted_run(
     monkeypatch.setattr(trainer_module, "bridge_matching_loss", crash_at_step_eight)
     with pytest.raises(KeyboardInterrupt):
         train({**params, "workdir": str(workdir)}, sr_bundles)
-    assert load_checkpoint(workdir / "last.pt")["step"] == 5
+    (run_folder,) = workdir.glob("run-*")  # one working folder per configuration
+    assert load_checkpoint(run_folder / "last.pt")["step"] == 5
     monkeypatch.setattr(trainer_module, "bridge_matching_loss", real_loss)
 
     resumed, resumed_history = train({**params, "workdir": str(workdir)}, sr_bundles)
@@ -112,13 +113,14 @@ def test_an_interrupted_run_resumes_and_matches_the_uninterrupted_run(
 
 
 def test_a_working_checkpoint_of_other_data_is_not_resumed(sr_bundles, tmp_path, tiny_params, make_bundle):
-    from ibmd_pipeline.engine.training import ResumeMismatchError
-
     params = tiny_params(train={"steps": 2, "warmup_steps": 0}, workdir=str(tmp_path))
     train(params, sr_bundles)
     other = (make_bundle("sr4x_pool", 24, seed=5), sr_bundles[1])
-    with pytest.raises(ResumeMismatchError, match="fingerprint"):
-        train(params, other)
+    # Other data gets its own working folder and trains from scratch: same result as no workdir.
+    fresh, _ = train(params, other)
+    reference, _ = train({**params, "workdir": None}, other)
+    assert len(list(tmp_path.glob("run-*"))) == 2
+    assert all(torch.equal(fresh["models"]["model"][k], v) for k, v in reference["models"]["model"].items())
 
 
 @pytest.mark.parametrize(
@@ -207,9 +209,10 @@ def test_two_gloo_processes_train_one_teacher(sr_bundles, tmp_path, tiny_params)
         config=DistributedConfig(nproc_per_node=2, timeout_s=120),
     )
     assert checkpoint["step"] == 4 and history[-1]["step"] == 4 and "val_loss" in history[-1]
-    assert (tmp_path / "last.pt").is_file() and (tmp_path / "rank1" / "last.pt").is_file()
+    (run_folder,) = tmp_path.glob("run-*")
+    assert (run_folder / "last.pt").is_file() and (run_folder / "rank1" / "last.pt").is_file()
     # Both ranks ended with the same weights (DDP averaged the gradients).
-    rank1 = load_checkpoint(tmp_path / "rank1" / "last.pt")["models"]["model"]
+    rank1 = load_checkpoint(run_folder / "rank1" / "last.pt")["models"]["model"]
     assert all(torch.equal(rank1[k], v) for k, v in checkpoint["models"]["model"].items())
     teacher = teacher_from_checkpoint(checkpoint, task_kind="sr4x_pool")
     assert teacher.config["teacher"]["distributed"]["nproc_per_node"] == 2

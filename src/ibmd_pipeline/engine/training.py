@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import logging
 import math
 import random
@@ -709,3 +711,22 @@ def export_checkpoint(
         raise ValueError(f"extra keys {clash} would overwrite the checkpoint's own entries")
     payload.update(extra or {})
     return payload
+
+
+def _without_neutral_keys(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _without_neutral_keys(v) for k, v in value.items() if str(k) not in RESUME_NEUTRAL_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_without_neutral_keys(v) for v in value]
+    return value
+
+
+def run_folder_name(run_config: Mapping[str, Any], train_config: Mapping[str, Any]) -> str:
+    """``run-<12 hex>``: one working-checkpoint folder per configuration that shapes the result.
+
+    Settings that only watch the run (:data:`RESUME_NEUTRAL_KEYS`) do not change the name, so a
+    changed configuration starts its own folder instead of failing to resume another's.
+    """
+    plain = _without_neutral_keys({"run": run_config, "train": train_config})
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return "run-" + hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -51,6 +51,7 @@ from ibmd_pipeline.engine.training import (
     epoch_batch_indices,
     export_checkpoint,
     optimizer_step,
+    run_folder_name,
     run_training,
     seed_everything,
 )
@@ -285,11 +286,15 @@ class FixedValidationBatch:
 # --------------------------------------------------------------------------- training
 
 
-def _working_dir(workdir: str | None, ctx: DistContext) -> Path | None:
-    """Rank 0 keeps ``workdir/last.pt``; other ranks keep their own RNG streams in ``rank<r>/``."""
+def _working_dir(workdir: str | None, ctx: DistContext, run_folder: str) -> Path | None:
+    """Rank 0 keeps ``workdir/<run folder>/last.pt``; other ranks keep theirs in ``rank<r>/`` below it.
+
+    One folder per configuration (:func:`run_folder_name`): changing a setting starts afresh
+    instead of failing to resume a run of other settings.
+    """
     if workdir is None:
         return None
-    return Path(workdir) if ctx.is_main else Path(workdir) / f"rank{ctx.rank}"
+    return Path(workdir) / run_folder if ctx.is_main else Path(workdir) / run_folder / f"rank{ctx.rank}"
 
 
 def _check_ranks_agree(step: int, ctx: DistContext) -> None:
@@ -429,7 +434,7 @@ def train_teacher(
     run_training(
         state,
         step_fn,
-        workdir=_working_dir(config.workdir, ctx),
+        workdir=_working_dir(config.workdir, ctx, run_folder_name(run_config, config_to_dict(config.train))),
         run_config=run_config,
         progress_desc=f"teacher ({task_config.kind})",
         on_log=on_log,
