@@ -1,0 +1,300 @@
+"""Cost and progress of the default CPU distillation (IBMD) of the CPU teacher on sr4x_bicubic.
+
+    python benchmarks/distill_cpu.py [--teacher PATH] [--threads 2] [--steps N] [--skip-run]
+
+Uses the latest trained teacher (``data/06_models/teacher.pt/<version>/teacher.pt``) and the
+latest ``corrupted_train`` of the degrade pipeline; without a teacher it trains a quick one
+on the latest ``pairs_train``/``pairs_val`` first (and says so). Prints
+
+1. seconds per IBMD generator update (with its L auxiliary updates) and per teacher training
+   step at the same batch size and precision, measured alternately in this process, and their
+   ratio (wall clock and CPU time);
+2. peak memory of one teacher step and one IBMD update, each measured in a fresh process
+   (peak resident set during two steps over the resident set after setup, Linux ``VmHWM``
+   reset through ``/proc/self/clear_refs``; on CUDA, ``torch.cuda.max_memory_allocated``),
+   and their ratio (the paper: about 3x);
+3. the full default distillation (``conf/base/parameters_distill.yml``): its wall time and
+   the validation distances over training: the student's sliced W2 to the teacher's NFE-K
+   samples next to the one-step teacher's and the teacher's own noise floor, and the
+   per-pixel std over z.
+
+Other processes on the machine share its cores, so timings are pessimistic; the ratios,
+measured alternately in one process, are the robust numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+
+import torch  # noqa: E402
+
+from ibmd_pipeline.bridges.losses import bridge_matching_loss  # noqa: E402
+from ibmd_pipeline.distill.config import DistillConfig, parse_distill_config, resolve_distill  # noqa: E402
+from ibmd_pipeline.distill.trainer import build_distill_run, distill_student  # noqa: E402
+from ibmd_pipeline.engine.checkpoint import load_checkpoint  # noqa: E402
+from ibmd_pipeline.engine.devices import autocast_context, describe_device, select_device  # noqa: E402
+from ibmd_pipeline.engine.distributed import DistContext  # noqa: E402
+from ibmd_pipeline.engine.training import set_learning_rates  # noqa: E402
+from ibmd_pipeline.io.datasets import TensorBundleDataset  # noqa: E402
+from ibmd_pipeline.teacher.model import teacher_from_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = "sr4x_bicubic"
+
+
+def latest(pattern_dir: Path, name: str) -> Path | None:
+    """``<pattern_dir>/<latest version>/<name>``, or None."""
+    if not pattern_dir.is_dir():
+        return None
+    versions = sorted(p for p in pattern_dir.glob("*") if (p / name).is_file())
+    return versions[-1] / name if versions else None
+
+
+def load_bundle(name: str) -> dict[str, Any]:
+    path = latest(ROOT / "data" / "05_model_input" / f"{name}.npz", f"{name}.npz")
+    if path is None:
+        raise SystemExit(f"no {name} under data/05_model_input: run `kedro run --pipelines=degrade` first")
+    return TensorBundleDataset(filepath=str(path)).load()
+
+
+def default_distill_config() -> dict[str, Any]:
+    from kedro.config import OmegaConfigLoader
+
+    from ibmd_pipeline.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(conf_source=str(ROOT / "conf"), **CONFIG_LOADER_ARGS)
+    return dict(loader["parameters"]["distill"])
+
+
+def quick_teacher(steps: int, device: str) -> dict[str, Any]:
+    """Train a short CPU teacher on the latest pairs (only when no trained teacher exists)."""
+    from ibmd_pipeline.teacher.config import parse_teacher_config
+    from ibmd_pipeline.teacher.trainer import train_teacher
+
+    config = parse_teacher_config({"train": {"steps": steps, "warmup_steps": min(100, steps // 10)}}, seed=0)
+    checkpoint, _ = train_teacher(
+        config, load_bundle("pairs_train"), load_bundle("pairs_val"), task={"kind": TASK}, device=device
+    )
+    return checkpoint
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def make_teacher_step(teacher_checkpoint: dict[str, Any], config: DistillConfig, xT: torch.Tensor, device):
+    """One teacher training step (bridge matching, AdamW, clipping) at the distillation's batch
+    size and precision, on a trainable copy of the teacher."""
+    teacher = teacher_from_checkpoint(teacher_checkpoint, device=device)
+    predictor = teacher.predictor.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(predictor.parameters(), lr=1e-5)
+    bf16 = config.autocast_bf16(device)
+    batch = config.train.batch_size
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        index = torch.randint(0, len(xT), (batch,), generator=generator)
+        corrupted = xT[index].to(device)
+        target = xT[index.roll(1)].to(device)  # the values do not change the cost
+        with autocast_context(device, bf16, allow_cpu=True):
+            loss = bridge_matching_loss(predictor, target, corrupted, teacher.schedule)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(predictor.parameters(), 1.0)
+        optimizer.step()
+
+    return step
+
+
+def make_ibmd_update(teacher_checkpoint: dict[str, Any], config: DistillConfig, xT: torch.Tensor, device):
+    ctx = DistContext.single_process(device)
+    run = build_distill_run(ctx, xT, teacher_checkpoint, config, task_kind=TASK)
+    set_learning_rates(run.state, 0)
+    counter = iter(range(10**9))
+    return lambda: run.step(run.state, next(counter))
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Mean (wall, CPU) seconds of ``fn`` over ``repeats`` calls."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - wall) / repeats, (time.process_time() - cpu) / repeats
+
+
+def measure_speed(teacher_checkpoint, config, xT, device, rounds: int) -> dict[str, float]:
+    teacher_step = make_teacher_step(teacher_checkpoint, config, xT, device)
+    ibmd_update = make_ibmd_update(teacher_checkpoint, config, xT, device)
+    teacher_step(), ibmd_update()  # warm-up (allocator, oneDNN kernels)
+    results = {"teacher_wall": [], "teacher_cpu": [], "ibmd_wall": [], "ibmd_cpu": []}
+    for _ in range(rounds):  # alternate, so that load from other processes hits both alike
+        wall, cpu = timed(teacher_step, 4)
+        results["teacher_wall"].append(wall)
+        results["teacher_cpu"].append(cpu)
+        wall, cpu = timed(ibmd_update, 1)
+        results["ibmd_wall"].append(wall)
+        results["ibmd_cpu"].append(cpu)
+    return {key: statistics.median(values) for key, values in results.items()}
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def _resident_peak(reset: bool = False) -> int:
+    """Peak resident set of this process in bytes (Linux ``VmHWM``); ``reset`` restarts it from
+    the current resident set (``/proc/self/clear_refs``), so setup peaks do not count."""
+    status = Path("/proc/self/status")
+    if not status.is_file():  # not Linux: the lifetime maximum is all there is
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _peak_memory_child(kind: str, teacher_path: str, distill: dict, threads: int, device: str, queue) -> None:
+    torch.set_num_threads(threads)
+    device = select_device(device)
+    config = parse_distill_config(distill)
+    teacher_checkpoint = load_checkpoint(teacher_path)
+    xT = load_bundle("corrupted_train")["corrupted"][:1024].clone()
+    make = make_teacher_step if kind == "teacher" else make_ibmd_update
+    fn = make(teacher_checkpoint, config, xT, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        fn()
+        queue.put((before, torch.cuda.max_memory_allocated()))
+        return
+    before = _resident_peak(reset=True)
+    fn()
+    fn()
+    queue.put((before, _resident_peak()))
+
+
+def measure_memory(
+    teacher_path: Path, distill: dict, threads: int, device: str
+) -> dict[str, tuple[int, int]]:
+    context = multiprocessing.get_context("spawn")
+    results = {}
+    for kind in ("teacher", "ibmd"):
+        queue = context.Queue()
+        process = context.Process(
+            target=_peak_memory_child, args=(kind, str(teacher_path), distill, threads, device, queue)
+        )
+        process.start()
+        results[kind] = queue.get()
+        process.join()
+    return results
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--teacher", type=Path, help="teacher checkpoint (default: the latest trained one)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, help="override distill.train.steps of the full run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    parser.add_argument("--teacher-steps", type=int, default=600, help="quick teacher, if none is found")
+    parser.add_argument("--skip-run", action="store_true", help="only the cost measurements")
+    parser.add_argument("--save", type=Path, help="save the student checkpoint here")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    print(f"device: {describe_device(device)}")
+    teacher_path = args.teacher or latest(ROOT / "data" / "06_models" / "teacher.pt", "teacher.pt")
+    if teacher_path is None:
+        print(f"no trained teacher under data/06_models: training a quick one ({args.teacher_steps} steps)")
+        teacher_checkpoint = quick_teacher(args.teacher_steps, args.device)
+        teacher_path = Path("/tmp/distill_cpu_quick_teacher.pt")
+        torch.save(teacher_checkpoint, teacher_path)
+    else:
+        teacher_checkpoint = load_checkpoint(teacher_path)
+        teacher_checkpoint["catalog_version"] = teacher_path.parent.name
+    print(f"teacher: {teacher_path} (trained {teacher_checkpoint.get('step')} steps, "
+          f"{teacher_checkpoint['config']['unet']['model_channels']} base channels)")
+
+    bundle = load_bundle("corrupted_train")
+    xT = bundle["corrupted"]
+    distill = default_distill_config()
+    distill["workdir"] = None  # never resume a previous benchmark's working checkpoint
+    if args.steps is not None:
+        distill["train"] = {**distill["train"], "steps": args.steps}
+    config = parse_distill_config(distill)
+    batch, bf16 = config.train.batch_size, config.autocast_bf16(device)
+    print(f"batch {batch}, bf16 autocast {bf16}, {len(xT)} corrupted training images {tuple(xT.shape[1:])}")
+
+    speed = measure_speed(teacher_checkpoint, config, xT, device, args.rounds)
+    teacher_config = teacher_checkpoint["config"]
+    resolved_l = resolve_distill(
+        config,
+        bridge_kind=teacher_config["bridge"]["kind"],
+        conditional=bool(teacher_config["conditional"]),
+        inpainting=False,
+    ).aux_steps
+    print("\n| quantity | wall clock | CPU time |\n|---|---|---|")
+    print(f"| teacher training step (batch {batch}) "
+          f"| {speed['teacher_wall']:.3f} s | {speed['teacher_cpu']:.3f} s |")
+    print(f"| IBMD update (L={resolved_l} aux + 1 generator) "
+          f"| {speed['ibmd_wall']:.3f} s | {speed['ibmd_cpu']:.3f} s |")
+    print(f"| ratio | {speed['ibmd_wall'] / speed['teacher_wall']:.2f}x "
+          f"| {speed['ibmd_cpu'] / speed['teacher_cpu']:.2f}x |")
+
+    memory = measure_memory(teacher_path, distill, args.threads, args.device)
+    (t0, t1), (i0, i1) = memory["teacher"], memory["ibmd"]
+    unit = 2**20
+    print("\n| peak memory | after setup | peak | growth |\n|---|---|---|---|")
+    print(f"| teacher step | {t0 / unit:.0f} MiB | {t1 / unit:.0f} MiB | {(t1 - t0) / unit:.0f} MiB |")
+    print(f"| IBMD update | {i0 / unit:.0f} MiB | {i1 / unit:.0f} MiB | {(i1 - i0) / unit:.0f} MiB |")
+    growth = (i1 - i0) / max(t1 - t0, 1)
+    print(f"| ratio | | {i1 / t1:.2f}x (whole process) | {growth:.2f}x (training memory) |")
+
+    if args.skip_run:
+        return
+    print(f"\nfull default run: {config.train.steps} generator updates ...", flush=True)
+    start = time.perf_counter()
+    student = distill_student(xT, teacher_checkpoint, config, task_kind=TASK, device=args.device)
+    elapsed = time.perf_counter() - start
+    updates = [r["sec_per_step"] for r in student["history"] if "sec_per_step" in r]
+    print(f"wall time {elapsed / 60:.1f} min ({statistics.mean(updates):.2f} s per update in the logs, "
+          "validation included)")
+    k = config.validation.teacher_nfe
+    rows = [r for r in student["history"] if "val/gap/student_nfe1" in r]
+    nfe = config.student_nfe
+    print(f"\n| update | student NFE {nfe} (EMA) | raw | teacher NFE 1 | teacher NFE {k} again (floor) "
+          f"| std student | std teacher |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        raw = r.get(f"val/gap/student_raw_nfe{nfe}", float("nan"))
+        print(f"| {int(r['step'])} | {r[f'val/gap/student_nfe{nfe}']:.4f} | {raw:.4f} | "
+              f"{r['val/gap/teacher_nfe1']:.4f} | {r['val/gap/teacher_floor']:.4f} | "
+              f"{r['val/std/student']:.4f} | {r['val/std/teacher']:.4f} |")
+    print(f"(sliced W2 to the teacher's NFE-{k} samples on {config.validation.batch_size} held-out "
+          "corrupted images; lower is closer)")
+    if args.save:
+        torch.save({k: v for k, v in student.items()}, args.save)
+        print(f"student saved to {args.save}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

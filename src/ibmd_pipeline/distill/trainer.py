@@ -1,0 +1,504 @@
+"""The IBMD training loop: L auxiliary updates per generator update (method doc section 3).
+
+Networks: the frozen teacher ``D*``, the auxiliary ("fake") bridge model ``D_phi`` and the
+generator ``G_theta`` (:class:`~ibmd_pipeline.distill.generator.BridgeGenerator`), both
+initialised from the teacher's weights (its EMA weights by default). One step of
+:func:`~ibmd_pipeline.engine.training.run_training` is one generator update::
+
+    repeat L times:                                     # auxiliary step, step phi only
+        xT ~ corrupted data, z ~ N(0, I);  x0 = G_theta(xT, z) without autograd
+        loss_phi = lambda(t) || D_phi(x_t, t [,xT]) - x0 ||^2          (ibmd_auxiliary_loss)
+    xT, z fresh;  x0 = G_theta(xT, z) with its graph
+    loss_theta = lambda(t) (||D*(x_t) - x0||^2 - ||D_phi(x_t) - x0||^2)  (ibmd_generator_loss)
+
+with ``t`` from the teacher's training distribution and ``x_t = a_t xT + b_t x0 + c_t eps``.
+Each update has its own AdamW (``lr_generator``, ``lr_aux``), gradient clipping, and the
+generator keeps an EMA. Only corrupted images enter: :func:`distill_student` takes the
+corrupted tensor and an optional mask, nothing else. For inpainting, the hole of every
+training xT is refilled with fresh N(0, I) noise (xT ~ p(xT) includes that noise, as I2SB's
+corruption draws it anew each time), and the losses count the hole only.
+
+Randomness: every draw of a step (batch indices, hole noise, z, the posterior-step noise of
+multi-step chains, t, eps, the rollout depth) comes from the training state's generators and
+is drawn for the *global* batch, of which each rank takes its slice. A run is therefore a
+function of the seed and the world size only, and resuming from the working checkpoint
+(which saves those generators) continues it exactly.
+
+Distributed (``distill.distributed.nproc_per_node > 1`` or a torchrun/srun launch): the
+generator and the auxiliary model are each wrapped in DDP and called through the wrapper
+only in the forward pass whose backward updates them; the teacher, and the auxiliary model
+inside the generator loss, are called as plain modules (``engine.distributed`` rules).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ibmd_pipeline.distill.config import DistillConfig, ResolvedDistill, resolve_distill
+from ibmd_pipeline.distill.generator import BridgeGenerator
+from ibmd_pipeline.distill.ibmd import ibmd_auxiliary_loss, ibmd_generator_loss
+from ibmd_pipeline.distill.validation import DistillValidator
+from ibmd_pipeline.engine.config import config_to_dict
+from ibmd_pipeline.engine.devices import autocast_context, describe_device, select_device
+from ibmd_pipeline.engine.distributed import (
+    DistContext,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    launch_local,
+    read_launch_environment,
+    split_global_batch,
+    wrap_ddp,
+)
+from ibmd_pipeline.engine.training import (
+    RESUME_NEUTRAL_KEYS,
+    WORKING_CHECKPOINT,
+    NonFiniteLossError,
+    TrainingState,
+    create_training_state,
+    epoch_batch_indices,
+    export_checkpoint,
+    optimizer_step,
+    run_training,
+)
+from ibmd_pipeline.networks.predictors import X0Predictor
+from ibmd_pipeline.teacher.model import LoadedTeacher, teacher_from_checkpoint
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DistillRun", "build_distill_run", "distill_student", "split_held_out"]
+
+MASK_TASKS = ("inpaint_center",)
+
+
+def split_held_out(
+    corrupted: Tensor, mask: Tensor | None, held_out: int
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """``(train_xT, train_mask, val_xT, val_mask)``: the last ``held_out`` images are held out.
+
+    The distill pipeline's validation and preview grid use the held-out part; training never
+    sees it.
+    """
+    count = corrupted.shape[0]
+    if count <= held_out:
+        raise ValueError(
+            f"corrupted_train has {count} images; holding out distill.validation.batch_size = {held_out} "
+            "for validation leaves none to train on (lower distill.validation.batch_size)"
+        )
+    cut = count - held_out
+    train_mask = None if mask is None else mask[:cut]
+    val_mask = None if mask is None else mask[cut:]
+    return corrupted[:cut], train_mask, corrupted[cut:], val_mask
+
+
+def _fingerprint(tensors: Sequence[Tensor]) -> str:
+    """sha256 of the tensors' bytes (with their shapes): identifies data and teacher weights."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        cpu = tensor.detach().to("cpu").contiguous()
+        digest.update(repr((tuple(cpu.shape), str(cpu.dtype))).encode())
+        digest.update(cpu.reshape(-1).view(torch.uint8).numpy() if cpu.numel() else b"")
+    return digest.hexdigest()
+
+
+def _without_neutral_keys(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _without_neutral_keys(v) for k, v in value.items() if str(k) not in RESUME_NEUTRAL_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_without_neutral_keys(v) for v in value]
+    return value
+
+
+def run_folder_name(run_config: Mapping[str, Any], train_config: Mapping[str, Any]) -> str:
+    """``run-<12 hex>``: one working-checkpoint folder per configuration that shapes the result."""
+    plain = _without_neutral_keys({"run": run_config, "train": train_config})
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return "run-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class _Draw:
+    """Everything random about one update's batch (this rank's slice of the global draw)."""
+
+    xT: Tensor
+    mask: Tensor | None
+    z: Tensor | None
+    step_noise: list[Tensor] | None
+    rollout_to: int | None
+    t: Tensor
+    eps: Tensor | None
+
+
+@dataclass
+class DistillRun:
+    """A distillation ready to run: networks, training state and the step function's parts.
+
+    Built by :func:`build_distill_run`; :meth:`step` is the ``step_fn`` of ``run_training``
+    (:meth:`aux_update` L times, then :meth:`generator_update`), :meth:`on_sample` its
+    validation callback. ``generator`` and ``aux`` wrap the trained UNets held in
+    ``state.models`` (``"generator"``, ``"aux"``); ``ema_generator`` wraps the EMA shadow.
+    """
+
+    ctx: DistContext
+    teacher: LoadedTeacher
+    generator: BridgeGenerator
+    aux: X0Predictor
+    ema_generator: BridgeGenerator
+    state: TrainingState
+    resolved: ResolvedDistill
+    config: DistillConfig
+    train_xT: Tensor
+    train_mask: Tensor | None
+    val_xT: Tensor
+    val_mask: Tensor | None
+    student_config: dict[str, Any]
+    run_config: dict[str, Any]
+    validator: DistillValidator | None = None
+
+    def __post_init__(self) -> None:
+        self.use_bf16 = self.config.autocast_bf16(self.ctx.device)
+        # DDP wrappers, used only in the forward whose backward updates the wrapped network.
+        self.generator_for_update = wrap_ddp(self.generator, self.ctx)
+        self.aux_for_update = wrap_ddp(self.aux, self.ctx)
+
+    # ----------------------------------------------------------------------------- draws
+
+    def _normal(self, shape: tuple[int, ...], global_batch: int) -> Tensor:
+        gen = self.state.device_generator
+        noise = torch.randn((global_batch, *shape[1:]), generator=gen, device=gen.device)
+        return split_global_batch(noise, self.ctx).to(self.ctx.device)
+
+    def draw(self, stream: int, index: int, batch: int) -> _Draw:
+        """This rank's part of global batch ``index`` of data stream ``stream`` with fresh noise.
+
+        ``stream`` 0 feeds the auxiliary updates (``L`` batches per step), 1 the generator's.
+        Indices come from :func:`epoch_batch_indices`, a pure function of the index.
+        """
+        world = self.ctx.world_size
+        global_batch = batch * world
+        seed = self.resolved.train.seed + stream
+        indices = epoch_batch_indices(len(self.train_xT), global_batch, index, seed)
+        indices = split_global_batch(indices, self.ctx)
+        device = self.ctx.device
+        xT = self.train_xT[indices].to(device, torch.float32)
+        mask = None if self.train_mask is None else self.train_mask[indices].to(device, torch.float32)
+        shape = tuple(xT.shape)
+        if mask is not None:
+            xT = xT * (1.0 - mask) + self._normal(shape, global_batch) * mask
+        z = self._normal(shape, global_batch) if self.generator.noise else None
+        nfe = self.generator.nfe
+        schedule = self.teacher.schedule
+        rollout_to = None
+        if nfe > 1 and self.resolved.multistep_mode == "rollout":
+            rollout_to = int(torch.randint(1, nfe + 1, (1,), generator=self.state.generator))
+        step_noise = None
+        if nfe > 1 and not schedule.deterministic:
+            step_noise = [self._normal(shape, global_batch) for _ in range(nfe - 1)]
+        gen = self.state.device_generator
+        t = split_global_batch(schedule.sample_time(global_batch, generator=gen, device=gen.device), self.ctx)
+        eps = None if schedule.deterministic else self._normal(shape, global_batch)
+        return _Draw(xT, mask, z, step_noise, rollout_to, t.to(device), eps)
+
+    def _autocast(self):
+        # CUDA autocast also comes from run_training (train.bf16); on the CPU it is opt-in.
+        return autocast_context(self.ctx.device, self.use_bf16, allow_cpu=True)
+
+    def _generate(self, generator: torch.nn.Module, draw: _Draw) -> Tensor:
+        return generator(
+            draw.xT, draw.z, mask=draw.mask, rollout_to=draw.rollout_to, step_noise=draw.step_noise
+        )
+
+    def _check_finite(self, name: str, loss: Tensor) -> None:
+        # On several ranks the decision must be taken on the all-reduced value (all agree).
+        if self.ctx.distributed:
+            value = all_reduce_mean(loss, self.ctx)
+            if not math.isfinite(value):
+                raise NonFiniteLossError(self.state.step, f"loss of '{name}'", value)
+
+    # ------------------------------------------------------------------------------ step
+
+    def aux_update(self, state: TrainingState, step: int, j: int) -> Tensor:
+        """Auxiliary update ``j`` of step ``step``: bridge matching of ``D_phi`` on fresh generator
+        samples (``ibmd_auxiliary_loss``; the generator runs without autograd). Returns the loss."""
+        draw = self.draw(0, step * self.resolved.aux_steps + j, self.resolved.aux_batch_size)
+        with self._autocast():
+            with torch.no_grad():
+                x0 = self._generate(self.generator, draw)
+            loss = ibmd_auxiliary_loss(
+                self.aux_for_update, x0, draw.xT, self.teacher.schedule,
+                mask=draw.mask, t=draw.t, noise=draw.eps,
+            )
+        self._check_finite("aux", loss)
+        optimizer_step(state, "aux", loss)
+        return loss.detach()
+
+    def generator_update(self, state: TrainingState, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The generator update of step ``step`` (``ibmd_generator_loss`` on a fresh batch).
+
+        Gradients reach theta through x0 and through x_t into the frozen teacher and the
+        auxiliary model, whose parameters are not touched. Returns the loss and its two terms.
+        """
+        draw = self.draw(1, step, self.resolved.train.batch_size)
+        with self._autocast():
+            x0 = self._generate(self.generator_for_update, draw)
+            # Plain modules here: their parameters get no gradient from this loss (ibmd.py).
+            loss, terms = ibmd_generator_loss(
+                self.teacher.predictor, self.aux, x0, draw.xT, self.teacher.schedule,
+                mask=draw.mask, t=draw.t, noise=draw.eps, return_terms=True,
+            )
+        self._check_finite("generator", loss)
+        optimizer_step(state, "generator", loss)
+        return loss.detach(), terms
+
+    def step(self, state: TrainingState, step: int) -> dict[str, float]:
+        """One generator update preceded by its L auxiliary updates (method doc section 3)."""
+        aux_losses = [self.aux_update(state, step, j) for j in range(self.resolved.aux_steps)]
+        loss, terms = self.generator_update(state, step)
+        return {
+            "loss/generator": all_reduce_mean(loss, self.ctx),
+            "loss/aux": all_reduce_mean(torch.stack(aux_losses).mean(), self.ctx),
+            "term/teacher": all_reduce_mean(terms["teacher"], self.ctx),
+            "term/fake": all_reduce_mean(terms["fake"], self.ctx),
+        }
+
+    # ------------------------------------------------------------------------ validation
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Validation metrics of the EMA generator (and the raw one's gap), as a history record."""
+        if self.validator is None:
+            return {}
+        record = {"step": float(step)}
+        record.update(self.validator(self.ema_generator, raw=self.generator))
+        return record
+
+    def on_sample(self, state: TrainingState, step: int) -> None:
+        """``run_training``'s periodic callback: append a validation record to the history."""
+        record = self.validate(step)
+        if record:
+            state.history.append(record)
+            logger.info(
+                "distill validation at step %d: %s",
+                step,
+                ", ".join(f"{k.removeprefix('val/')}={v:.4f}" for k, v in record.items() if k != "step"),
+            )
+
+
+def _check_inputs(corrupted: Tensor, mask: Tensor | None, task_kind: str | None) -> None:
+    if not isinstance(corrupted, Tensor) or corrupted.ndim != 4 or not corrupted.is_floating_point():
+        shape = tuple(corrupted.shape) if isinstance(corrupted, Tensor) else type(corrupted).__name__
+        raise ValueError(f"corrupted images must be a float tensor (N, C, H, W), got {shape}")
+    expected_mask = (corrupted.shape[0], 1, *corrupted.shape[2:])
+    if mask is not None and tuple(mask.shape) != expected_mask:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not fit images of shape {tuple(corrupted.shape)}"
+        )
+    if task_kind is not None and (task_kind in MASK_TASKS) != (mask is not None):
+        raise ValueError(
+            f"task '{task_kind}' {'needs' if task_kind in MASK_TASKS else 'has no'} missing-pixel mask, "
+            f"but the corrupted data {'has none' if mask is None else 'comes with one'}"
+        )
+
+
+def build_distill_run(
+    ctx: DistContext,
+    corrupted: Tensor,
+    teacher_checkpoint: Mapping[str, Any],
+    config: DistillConfig,
+    *,
+    mask: Tensor | None = None,
+    task_kind: str | None = None,
+) -> DistillRun:
+    """Load the teacher, build generator, auxiliary model, EMA, optimisers and validation.
+
+    Checks that the teacher fits the data (task, image size, channels) before any work:
+    :class:`~ibmd_pipeline.teacher.model.CheckpointMismatchError` otherwise.
+    """
+    _check_inputs(corrupted, mask, task_kind)
+    teacher = teacher_from_checkpoint(
+        teacher_checkpoint,
+        use_ema=config.use_teacher_ema,
+        device=ctx.device,
+        task_kind=task_kind,
+        image_size=int(corrupted.shape[-1]),
+        channels=int(corrupted.shape[1]),
+    )
+    resolved = resolve_distill(
+        config, bridge_kind=teacher.bridge.kind, conditional=teacher.conditional, inpainting=mask is not None
+    )
+    train_xT, train_mask, val_xT, val_mask = split_held_out(corrupted, mask, config.validation.batch_size)
+
+    generator = BridgeGenerator.from_teacher(
+        teacher.predictor, nfe=resolved.student_nfe, noise=resolved.noise
+    )
+    aux_net = copy.deepcopy(teacher.predictor.net).requires_grad_(True)
+    aux = X0Predictor(aux_net, teacher.schedule, conditional=teacher.conditional)
+    state = create_training_state(
+        {"generator": generator.predictor.net, "aux": aux_net},
+        resolved.train,
+        device=ctx.device,
+        ema=["generator"],
+        lr={"generator": resolved.lr_generator, "aux": resolved.lr_aux},
+    )
+    ema_shadow = state.emas["generator"].shadow
+    ema_generator = BridgeGenerator(
+        X0Predictor(ema_shadow, teacher.schedule, conditional=teacher.conditional),
+        nfe=generator.nfe,
+        noise=generator.noise,
+    )
+
+    teacher_config = {k: v for k, v in teacher.config.items() if k != "catalog_version"}
+    student_config = {
+        "teacher": teacher_config,
+        "teacher_version": teacher.version,
+        "distill": config_to_dict(config),
+        "resolved": resolved.as_dict(),
+        "generator": {**generator.spec(), "multistep_mode": resolved.multistep_mode},
+        "task": teacher_config.get("task"),
+        "image_size": int(corrupted.shape[-1]),
+        "channels": int(corrupted.shape[1]),
+    }
+    weights_key = "ema" if config.use_teacher_ema else "models"
+    teacher_weights = teacher_checkpoint[weights_key]["model"]
+    run_config = {
+        "teacher": teacher_config,
+        "teacher_weights": _fingerprint([teacher_weights[k] for k in sorted(teacher_weights)]),
+        "data": _fingerprint([corrupted] + ([] if mask is None else [mask])),
+        "held_out": config.validation.batch_size,
+        "resolved": resolved.as_dict(),
+        "use_teacher_ema": config.use_teacher_ema,
+        "world_size": ctx.world_size,
+        "autocast_bf16": config.autocast_bf16(ctx.device),
+    }
+    run = DistillRun(
+        ctx=ctx,
+        teacher=teacher,
+        generator=generator,
+        aux=aux,
+        ema_generator=ema_generator,
+        state=state,
+        resolved=resolved,
+        config=config,
+        train_xT=train_xT,
+        train_mask=train_mask,
+        val_xT=val_xT,
+        val_mask=val_mask,
+        student_config=student_config,
+        run_config=run_config,
+    )
+    if config.validation.every > 0:
+        run.validator = DistillValidator(
+            teacher.predictor,
+            val_xT.to(ctx.device, torch.float32),
+            None if val_mask is None else val_mask.to(ctx.device, torch.float32),
+            config.validation,
+            resolved.student_nfe,
+            bf16=run.use_bf16,
+        )
+    return run
+
+
+def _train(
+    ctx: DistContext,
+    corrupted: Tensor,
+    teacher_checkpoint: Mapping[str, Any],
+    config: DistillConfig,
+    mask: Tensor | None,
+    task_kind: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Build and run the distillation on this rank; returns the student checkpoint (equal on all ranks)."""
+    run = build_distill_run(ctx, corrupted, teacher_checkpoint, config, mask=mask, task_kind=task_kind)
+    resolved = run.resolved
+    logger.info(
+        "IBMD on %s%s: student NFE %d (%s), noise %s, L=%d aux updates per generator update, lr %.3g / %.3g, "
+        "%d generator updates of batch %d (aux batch %d) x %d rank(s), %d training / %d held-out images",
+        describe_device(ctx.device), ", bf16 autocast" if run.use_bf16 else "",
+        resolved.student_nfe, resolved.multistep_mode, resolved.noise,
+        resolved.aux_steps, resolved.lr_generator, resolved.lr_aux, resolved.train.steps,
+        resolved.train.batch_size, resolved.aux_batch_size, ctx.world_size,
+        len(run.train_xT), len(run.val_xT),
+    )
+    initial = run.validate(0)
+    workdir = None
+    if config.workdir is not None:
+        workdir = Path(config.workdir) / run_folder_name(run.run_config, config_to_dict(resolved.train))
+    run_training(
+        run.state,
+        run.step,
+        workdir=workdir,
+        run_config=run.run_config,
+        progress_desc=f"IBMD (NFE {resolved.student_nfe})",
+        on_sample=run.on_sample if run.validator is not None else None,
+        progress=progress and ctx.is_main,
+    )
+    if initial:
+        run.state.history.insert(0, initial)
+    barrier(ctx)
+    if workdir is not None and not config.keep_workdir and ctx.is_main:
+        (workdir / WORKING_CHECKPOINT).unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return export_checkpoint(run.state, run.student_config, extra={"kind": "student"})
+
+
+def _distill_worker(
+    corrupted: Tensor,
+    teacher_checkpoint: Mapping[str, Any],
+    config: DistillConfig,
+    mask: Tensor | None,
+    task_kind: str | None,
+    device: str,
+    progress: bool,
+) -> dict[str, Any]:
+    ctx = init_distributed(config.distributed, device)
+    return _train(ctx, corrupted, teacher_checkpoint, config, mask, task_kind, progress)
+
+
+def distill_student(
+    corrupted: Tensor,
+    teacher_checkpoint: Mapping[str, Any],
+    config: DistillConfig,
+    *,
+    mask: Tensor | None = None,
+    task_kind: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Distil the teacher in ``teacher_checkpoint`` into a student with IBMD; returns its checkpoint.
+
+    corrupted: the corrupted training images xT, float ``(N, C, H, W)`` in [-1, 1] (the only
+        data IBMD uses; the last ``config.validation.batch_size`` are held out for validation).
+    teacher_checkpoint: a teacher checkpoint dict (``teacher.model`` format).
+    mask: ``(N, 1, H, W)``, 1 = missing pixel, for inpainting.
+    task_kind: checked against the teacher's task and the presence of ``mask`` when given.
+    device: ``auto``/``cpu``/``cuda``/``cuda:N`` (``engine.device``).
+
+    With ``config.distributed.nproc_per_node > 1`` the run spawns that many local processes;
+    under torchrun/srun this process joins the launcher's group. The returned dict is the
+    student checkpoint described in :mod:`ibmd_pipeline.distill.student`.
+    """
+    nproc = config.distributed.nproc_per_node
+    if nproc > 1:
+        result = launch_local(
+            _distill_worker,
+            nproc,
+            args=(corrupted, dict(teacher_checkpoint), config, mask, task_kind, device, progress),
+            config=config.distributed,
+        )
+    elif read_launch_environment() is not None:
+        result = _distill_worker(corrupted, teacher_checkpoint, config, mask, task_kind, device, progress)
+    else:
+        ctx = DistContext.single_process(select_device(device))
+        result = _train(ctx, corrupted, teacher_checkpoint, config, mask, task_kind, progress)
+    return result

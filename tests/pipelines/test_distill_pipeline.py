@@ -1,0 +1,226 @@
+"""The ``distill`` pipeline: its inputs, nodes on an in-memory catalog, and a real Kedro run.
+
+No trained teacher is needed: a tiny random teacher checkpoint in the documented format stands
+in for it (unless the ``teacher`` pipeline is registered, then the end-to-end test trains one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+from matplotlib.figure import Figure
+from PIL import Image
+
+from ibmd_pipeline.bridges.schedules import make_schedule
+from ibmd_pipeline.degradations.config import TaskConfig
+from ibmd_pipeline.distill.student import student_from_checkpoint
+from ibmd_pipeline.distill.trainer import DistillRun
+from ibmd_pipeline.engine.config import ConfigError, config_to_dict
+from ibmd_pipeline.io.datasets import TorchCheckpointDataset
+from ibmd_pipeline.pipeline_registry import register_pipelines
+from ibmd_pipeline.pipelines.distill import create_pipeline
+from ibmd_pipeline.pipelines.distill.nodes import distill_node, make_distill_grid, plot_distill_curves
+from ibmd_pipeline.teacher.model import (
+    CheckpointMismatchError,
+    NetworkConfig,
+    TeacherModelConfig,
+    build_predictor,
+    resolve_teacher,
+)
+
+SIZE = 16
+DISTILL = {
+    "aux_steps": 2,
+    "workdir": None,
+    "train": {"steps": 2, "batch_size": 3, "log_every": 1},
+    "validation": {
+        "every": 1, "batch_size": 6, "teacher_nfe": 4, "diversity_images": 3, "diversity_draws": 2,
+        "projections": 16, "grid_examples": 3,
+    },
+}
+# keep the thread count the test session chose (conftest), rather than one per core
+ENGINE = {"device": "cpu", "num_threads": torch.get_num_threads()}
+
+
+class KeptDataset(MemoryDataset):
+    """A memory dataset the runner does not release, so the test can read an intermediate output."""
+
+    def _release(self) -> None:
+        pass
+
+
+def fake_teacher(task_kind: str = "sr4x_bicubic", image_size: int = SIZE, seed: int = 0) -> dict:
+    """A random ``tiny`` teacher checkpoint in the format of ``teacher.model``."""
+    model = TeacherModelConfig(network=NetworkConfig(preset="tiny"))
+    resolved = resolve_teacher(model, task_kind=task_kind, image_size=image_size, channels=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        predictor = build_predictor(resolved.unet, make_schedule(resolved.bridge), resolved.conditional)
+        with torch.no_grad():
+            for parameter in predictor.net.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    weights = predictor.net.state_dict()
+    return {
+        "kind": "teacher",
+        "config": {
+            "bridge": config_to_dict(resolved.bridge),
+            "unet": config_to_dict(resolved.unet),
+            "conditional": resolved.conditional,
+            "task": config_to_dict(TaskConfig(kind=task_kind)),
+            "image_size": image_size,
+            "channels": 1,
+            "teacher": {"model": config_to_dict(model)},
+        },
+        "models": {"model": weights},
+        "ema": {"model": weights},
+        "step": 1,
+        "history": [],
+    }
+
+
+def corrupted_bundle(task_kind: str = "sr4x_bicubic", count: int = 16) -> dict:
+    images = torch.rand(count, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return {
+        "corrupted": images,
+        "task": config_to_dict(TaskConfig(kind=task_kind)),
+        "image_size": SIZE,
+        "channels": 1,
+        "split": "train",
+    }
+
+
+# ---------------------------------------------------------------- structure
+
+
+def test_free_inputs_are_corrupted_images_the_teacher_and_parameters_only():
+    pipeline = create_pipeline()
+    expected = {"corrupted_train", "teacher_model", "params:distill", "params:task", "params:engine"}
+    assert pipeline.inputs() == expected
+    assert not any(name.startswith("pairs_") or "clean" in name for name in pipeline.inputs())
+    assert pipeline.all_outputs() == {"student_model", "distill_curves_plot", "distill_grid"}
+    names = {node.name for node in pipeline.nodes}
+    assert names == {"distill_student", "plot_distill_curves", "make_distill_grid"}
+
+
+# ---------------------------------------------------------------- nodes
+
+
+def test_distill_node_refuses_clean_images_and_mismatches_before_training(monkeypatch):
+    monkeypatch.setattr(DistillRun, "step", pytest.fail)
+    pairs = {**corrupted_bundle(), "clean": torch.zeros(16, 1, SIZE, SIZE)}
+    with pytest.raises(ValueError, match="corrupted images only"):
+        distill_node(pairs, fake_teacher(), DISTILL, {"kind": "sr4x_bicubic"}, ENGINE)
+    with pytest.raises(ConfigError) as err:
+        distill_node(corrupted_bundle(), fake_teacher(), DISTILL, {"kind": "jpeg"}, ENGINE)
+    assert err.value.key == "task.kind"
+    with pytest.raises(CheckpointMismatchError, match="task 'jpeg'"):
+        distill_node(corrupted_bundle(), fake_teacher("jpeg"), DISTILL, {"kind": "sr4x_bicubic"}, ENGINE)
+    with pytest.raises(ConfigError) as err:
+        bad = {**DISTILL, "student_nfe": 3}
+        distill_node(corrupted_bundle(), fake_teacher(), bad, {"kind": "sr4x_bicubic"}, ENGINE)
+    assert err.value.key == "distill.student_nfe"
+    with pytest.raises(ConfigError) as err:
+        distill_node(corrupted_bundle(), fake_teacher(), DISTILL, {"kind": "sr4x_bicubic"}, {"device": "tpu"})
+    assert err.value.key == "engine.device"
+
+
+def test_pipeline_on_an_in_memory_catalog():
+    teacher = fake_teacher()
+    catalog = DataCatalog(
+        {
+            "corrupted_train": MemoryDataset(corrupted_bundle()),
+            "teacher_model": MemoryDataset(teacher),
+            "params:distill": MemoryDataset(DISTILL),
+            "params:task": MemoryDataset({"kind": "sr4x_bicubic"}),
+            "params:engine": MemoryDataset(ENGINE),
+            "student_model": KeptDataset(copy_mode="assign"),
+        }
+    )
+    SequentialRunner().run(create_pipeline(), catalog)
+    student = catalog.load("student_model")
+    assert student["kind"] == "student" and student["step"] == 2
+    loaded = student_from_checkpoint(student, task_kind="sr4x_bicubic", image_size=SIZE, channels=1)
+    assert loaded.nfe == 1 and loaded.noise
+
+    figure = catalog.load("distill_curves_plot")
+    assert isinstance(figure, Figure) and len(figure.axes) >= 4
+    grid = catalog.load("distill_grid")
+    tile = SIZE * 8 + 2  # tiles enlarged to 128 pixels, 2-pixel separators
+    assert isinstance(grid, Image.Image) and grid.size == (4 * tile + 2, 3 * tile + 2)
+    # the first column shows the held-out corrupted images (the last validation.batch_size)
+    pixels = np.asarray(grid)
+    held_out = corrupted_bundle()["corrupted"][-6:]
+    first_tile = pixels[2 : 2 + 128 : 8, 2 : 2 + 128 : 8]
+    np.testing.assert_array_equal(first_tile, ((held_out[0, 0] + 1) * 127.5).round().numpy())
+
+
+def test_grid_and_curves_from_a_multi_step_inpainting_student():
+    bundle = corrupted_bundle("inpaint_center")
+    mask = torch.zeros(16, 1, SIZE, SIZE)
+    mask[:, :, 4:12, 4:12] = 1.0
+    bundle["mask"] = mask
+    teacher = fake_teacher("inpaint_center")
+    student = distill_node(bundle, teacher, {**DISTILL, "student_nfe": 2}, {"kind": "inpaint_center"}, ENGINE)
+    assert student["config"]["generator"]["noise"] is False  # I2SB inpainting: xT carries the noise
+    assert any("val/gap/student_nfe2" in r for r in student["history"])
+    assert isinstance(plot_distill_curves(student), Figure)
+    grid = make_distill_grid(student, teacher, bundle, ENGINE)
+    assert grid.size == (4 * (SIZE * 8 + 2) + 2, 3 * (SIZE * 8 + 2) + 2)
+
+
+# ---------------------------------------------------------------- end to end through KedroSession
+
+
+def _save_fake_teacher(project_root, image_size: int) -> list:
+    """Write a tiny teacher into data/test through the catalog, as the teacher pipeline would;
+    returns the files written (the test removes them again: they are not a real teacher)."""
+    before = set((project_root / "data" / "test").rglob("*"))
+    with contextlib.chdir(project_root):
+        bootstrap_project(project_root)
+        with KedroSession.create(project_path=project_root, env="test") as session:
+            session.load_context().catalog.save("teacher_model", fake_teacher(image_size=image_size))
+    return sorted(set((project_root / "data" / "test").rglob("*")) - before, reverse=True)
+
+
+@pytest.mark.slow
+def test_kedro_run_env_test_distills_and_writes_versioned_outputs(degrade_run, run_kedro, project_root):
+    registered = register_pipelines()
+    if "distill" not in registered:
+        pytest.skip("the distill pipeline is not registered in pipeline_registry.py yet")
+    fakes: list = []
+    try:
+        if "teacher" in registered:
+            run = run_kedro(["teacher", "distill"])
+        else:
+            fakes = _save_fake_teacher(project_root, image_size=32)  # conf/test: 32x32 gray images
+            run = run_kedro(["distill"])
+            fakes += list(run.written)
+        student_file = run.versioned_file("06_models/student.pt")
+        student = TorchCheckpointDataset(filepath=str(student_file)).load()
+        assert student["kind"] == "student"
+        assert student["config"]["teacher_version"] is not None
+        assert student["step"] == 4  # conf/test/parameters_distill.yml
+        loaded = student_from_checkpoint(student, task_kind="sr4x_bicubic", image_size=32, channels=1)
+        xT = torch.zeros(2, 1, 32, 32)
+        assert loaded.sample(xT, generator=torch.Generator().manual_seed(0)).shape == xT.shape
+        run.versioned_file("08_reporting/distill_curves.png")
+        with Image.open(run.versioned_file("08_reporting/distill_grid.png")) as grid:
+            assert grid.size == (4 * 130 + 2, 4 * 130 + 2)  # 4 columns, conf/test grid_examples 4
+        workdir = project_root / "data" / "test" / "06_models" / "distill_workdir"
+        assert not list(workdir.glob("run-*/last.pt"))  # removed once the student was built
+    finally:
+        for path in fakes:  # outputs of a stand-in teacher must not look like real ones
+            if path.is_file():
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        for path in {p.parent for p in fakes} | {p.parent.parent for p in fakes}:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
