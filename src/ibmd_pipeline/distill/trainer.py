@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import math
 import shutil
@@ -63,7 +62,6 @@ from ibmd_pipeline.engine.distributed import (
     wrap_ddp,
 )
 from ibmd_pipeline.engine.training import (
-    RESUME_NEUTRAL_KEYS,
     WORKING_CHECKPOINT,
     NonFiniteLossError,
     TrainingState,
@@ -71,6 +69,7 @@ from ibmd_pipeline.engine.training import (
     epoch_batch_indices,
     export_checkpoint,
     optimizer_step,
+    run_folder_name,
     run_training,
 )
 from ibmd_pipeline.networks.predictors import X0Predictor
@@ -111,21 +110,6 @@ def _fingerprint(tensors: Sequence[Tensor]) -> str:
         digest.update(repr((tuple(cpu.shape), str(cpu.dtype))).encode())
         digest.update(cpu.reshape(-1).view(torch.uint8).numpy() if cpu.numel() else b"")
     return digest.hexdigest()
-
-
-def _without_neutral_keys(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _without_neutral_keys(v) for k, v in value.items() if str(k) not in RESUME_NEUTRAL_KEYS}
-    if isinstance(value, (list, tuple)):
-        return [_without_neutral_keys(v) for v in value]
-    return value
-
-
-def run_folder_name(run_config: Mapping[str, Any], train_config: Mapping[str, Any]) -> str:
-    """``run-<12 hex>``: one working-checkpoint folder per configuration that shapes the result."""
-    plain = _without_neutral_keys({"run": run_config, "train": train_config})
-    text = json.dumps(plain, sort_keys=True, default=str)
-    return "run-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ibmd_pipeline.data.safe_pickle import NumpyArrayUnpickler
+
 FID_INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_INCEPTION_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_INCEPTION_FILENAME
@@ -187,36 +189,9 @@ def locate_lpips_alexnet_weights() -> WeightsSource:
 # Reading numpy pickles safely
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Rebuilds numpy arrays (and plain containers) and refuses every other global."""
-
-    @staticmethod
-    def _reconstruct() -> Any:
-        # numpy 2 renamed numpy.core to numpy._core and warns on the old name.
-        try:
-            from numpy._core.multiarray import _reconstruct
-        except ImportError:  # numpy < 2
-            from numpy.core.multiarray import _reconstruct
-        return _reconstruct
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-        }:
-            return self._reconstruct()
-        if (module, name) == ("numpy", "ndarray"):
-            return np.ndarray
-        if (module, name) == ("numpy", "dtype"):
-            return np.dtype
-        raise pickle.UnpicklingError(
-            f"refusing to unpickle '{module}.{name}': only numpy arrays are allowed in weight files"
-        )
-
-
 def load_numpy_pickle(handle: IO[bytes]) -> Any:
     """Unpickle a structure of dicts/lists of numeric numpy arrays, executing nothing else."""
-    value = _NumpyOnlyUnpickler(handle).load()
+    value = NumpyArrayUnpickler(handle).load()
 
     def check(item: Any) -> None:
         if isinstance(item, Mapping):
