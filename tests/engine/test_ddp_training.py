@@ -73,8 +73,8 @@ def _distill_params(batch_size: int, workdir: str | None) -> dict[str, Any]:
         "aux_steps": 2, "lr_generator": 1e-3, "lr_aux": 1e-3, "workdir": workdir, "keep_workdir": True,
         "train": {"steps": 2, "batch_size": batch_size, "log_every": 1, "bf16": False, "checkpoint_every": 0},
         "validation": {
-            "every": 0, "batch_size": 4, "diversity_images": 2, "diversity_draws": 2, "grid_examples": 2,
-            "teacher_nfe": 2, "projections": 8,
+            "every": 0, "batch_size": 4, "draws": 4, "grid_examples": 2,
+            "teacher_nfe": 2,
         },
         "distributed": {"backend": "gloo"},
     }
@@ -108,6 +108,9 @@ def _teacher_rank_worker(config, train, val, out_dir: str) -> dict[str, Any]:
     import ibmd_pipeline.teacher.trainer as trainer
 
     trainer.bridge_matching_loss = _SharedDrawLoss(config.train.batch_size * WORLD)
+    # One intra-op thread on every side: with more, reduction order (and so the last bits of
+    # tiny gradients, which AdamW's normalisation amplifies) depends on the thread count.
+    torch.set_num_threads(1)
     checkpoint, history = train_teacher_worker(config, train, val, TASK, "cpu", False)
     _dump_history(out_dir, history)
     return checkpoint
@@ -160,14 +163,16 @@ def teacher_runs(data, tmp_path_factory) -> dict[str, Any]:
 
     single_params = _teacher_params(PER_RANK_BATCH * WORLD, str(root / "single_work"))
     single_config = parse_teacher_config(single_params, seed=0)
-    original = trainer.bridge_matching_loss
+    original, threads = trainer.bridge_matching_loss, torch.get_num_threads()
     trainer.bridge_matching_loss = _SharedDrawLoss(PER_RANK_BATCH * WORLD)
+    torch.set_num_threads(1)
     try:
         single, single_history = train_teacher_worker(
             single_config, data["train"], data["val"], TASK, "cpu", False
         )
     finally:
         trainer.bridge_matching_loss = original
+        torch.set_num_threads(threads)
     return {
         "ddp": ddp, "histories": histories, "single": single, "single_history": single_history, "root": root,
     }

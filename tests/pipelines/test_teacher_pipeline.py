@@ -104,7 +104,7 @@ def test_kedro_run_env_test_trains_and_writes_the_teacher(degrade_run, run_kedro
     assert any("val_loss" in record for record in checkpoint["history"])
     teacher = teacher_from_checkpoint(checkpoint, task_kind="sr4x_bicubic", image_size=32, channels=1)
     assert teacher.bridge.kind == "i2sb"
-    assert (tmp_path / "work" / "last.pt").is_file()  # the resumable working checkpoint
+    assert len(list((tmp_path / "work").glob("run-*/last.pt"))) == 1  # the resumable working checkpoint
     with Image.open(run.versioned_file("08_reporting/teacher_grid.png")) as grid:
         assert grid.size == (5 * 130 + 2, 4 * 130 + 2)  # corrupted | 3 NFEs | clean, 4 examples
     with Image.open(run.versioned_file("08_reporting/teacher_loss.png")) as plot:

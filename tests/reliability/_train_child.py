@@ -72,7 +72,7 @@ def main() -> None:
                     "seed": 5,
                 },
                 "aux_steps": 2,
-                "validation": {"every": 0, "batch_size": 4, "diversity_images": 2, "grid_examples": 2},
+                "validation": {"every": 0, "batch_size": 4, "grid_examples": 2},
                 "workdir": workdir,
             }
         )

@@ -51,7 +51,7 @@ def pipeline_report(seed: int) -> dict[str, Any]:
         {
             "train": {"steps": 3, "batch_size": 4, "log_every": 1, "seed": seed},
             "aux_steps": 2,
-            "validation": {"every": 0, "batch_size": 4, "diversity_images": 2, "grid_examples": 2},
+            "validation": {"every": 0, "batch_size": 4, "grid_examples": 2},
         }
     )
     student = distill_student(train["corrupted"], teacher, distill_config, task_kind="sr4x_bicubic",

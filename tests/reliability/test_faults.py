@@ -148,7 +148,7 @@ def test_distill_refuses_mismatched_teacher_before_training(make, monkeypatch):
     corrupted, _ = make_corrupted("sr4x_bicubic", 12)
     config = parse_distill_config(
         {"train": {"steps": 2, "batch_size": 4}, "validation": {"every": 0, "batch_size": 4,
-                                                                "diversity_images": 2, "grid_examples": 2}}
+                                                                "grid_examples": 2}}
     )
     with pytest.raises(CheckpointMismatchError):
         distill_student(corrupted, make(), config, task_kind="sr4x_bicubic", device="cpu", progress=False)
