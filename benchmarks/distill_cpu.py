@@ -14,9 +14,9 @@ on the latest ``pairs_train``/``pairs_val`` first (and says so). Prints
    reset through ``/proc/self/clear_refs``; on CUDA, ``torch.cuda.max_memory_allocated``),
    and their ratio (the paper: about 3x);
 3. the full default distillation (``conf/base/parameters_distill.yml``): its wall time and
-   the validation distances over training: the student's sliced W2 to the teacher's NFE-K
-   samples next to the one-step teacher's and the teacher's own noise floor, and the
-   per-pixel std over z.
+   the validation distances over training: the student's energy distance to the teacher's
+   NFE-K samples next to the one-step teacher's and the teacher's against itself (about 0),
+   and the per-pixel std over draws.
 
 Other processes on the machine share its cores, so timings are pessimistic; the ratios,
 measured alternately in one process, are the robust numbers.
@@ -282,15 +282,18 @@ def main() -> None:
     k = config.validation.teacher_nfe
     rows = [r for r in student["history"] if "val/gap/student_nfe1" in r]
     nfe = config.student_nfe
-    print(f"\n| update | student NFE {nfe} (EMA) | raw | teacher NFE 1 | teacher NFE {k} again (floor) "
-          f"| std student | std teacher |\n|---|---|---|---|---|---|---|")
+    references = sorted({int(key.removeprefix("val/gap/teacher_nfe")) for key in rows[0]
+                         if key.startswith("val/gap/teacher_nfe")})
+    header = [f"student NFE {nfe} (EMA)", "raw weights", *[f"teacher NFE {m}" for m in references],
+              f"teacher NFE {k} vs itself", "std student", "std teacher"]
+    print("\n| update | " + " | ".join(header) + " |\n|" + "---|" * (len(header) + 1))
     for r in rows:
-        raw = r.get(f"val/gap/student_raw_nfe{nfe}", float("nan"))
-        print(f"| {int(r['step'])} | {r[f'val/gap/student_nfe{nfe}']:.4f} | {raw:.4f} | "
-              f"{r['val/gap/teacher_nfe1']:.4f} | {r['val/gap/teacher_floor']:.4f} | "
-              f"{r['val/std/student']:.4f} | {r['val/std/teacher']:.4f} |")
-    print(f"(sliced W2 to the teacher's NFE-{k} samples on {config.validation.batch_size} held-out "
-          "corrupted images; lower is closer)")
+        cells = [r[f"val/gap/student_nfe{nfe}"], r.get(f"val/gap/student_raw_nfe{nfe}", float("nan"))]
+        cells += [r[f"val/gap/teacher_nfe{m}"] for m in references]
+        cells += [r["val/gap/teacher_self"], r["val/std/student"], r["val/std/teacher"]]
+        print(f"| {int(r['step'])} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+    print(f"(energy distance to the teacher's NFE-{k} samples, {config.validation.draws} draws of each of "
+          f"{config.validation.batch_size} held-out corrupted images; 0 = the teacher's distribution)")
     if args.save:
         torch.save({k: v for k, v in student.items()}, args.save)
         print(f"student saved to {args.save}")

@@ -17,7 +17,7 @@ from ibmd_pipeline.distill.trainer import (
     run_folder_name,
     split_held_out,
 )
-from ibmd_pipeline.distill.validation import per_pixel_std, random_directions, sliced_wasserstein
+from ibmd_pipeline.distill.validation import energy_distance, per_pixel_std
 from ibmd_pipeline.engine.config import ConfigError
 from ibmd_pipeline.engine.distributed import DistContext
 from ibmd_pipeline.engine.training import set_learning_rates
@@ -33,8 +33,8 @@ def tiny_config(**overrides) -> DistillConfig:
         "lr_generator": 1e-3,
         "lr_aux": 1e-3,
         "validation": {
-            "every": 2, "batch_size": 6, "teacher_nfe": 4, "diversity_images": 3, "diversity_draws": 2,
-            "projections": 16, "grid_examples": 2,
+            "every": 2, "batch_size": 3, "draws": 4, "teacher_nfe": 4, "reference_nfes": [1, 2],
+            "grid_examples": 2,
         },
     }
     for key, value in overrides.items():
@@ -116,14 +116,17 @@ def test_a_short_run_logs_losses_and_validation_and_exports_a_student(teacher_ch
     # at step 0 the one-step generator is the teacher's one-step prediction, for any z
     assert first["val/gap/student_nfe1"] == pytest.approx(first["val/gap/teacher_nfe1"], abs=1e-6)
     assert first["val/std/student"] == pytest.approx(0.0, abs=1e-6)
-    assert first["val/std/teacher"] > 0 and first["val/gap/teacher_floor"] > 0
+    assert first["val/std/teacher"] > 0
+    # the posterior mean is measurably far from the teacher's samples, unlike the teacher itself
+    assert first["val/gap/teacher_nfe1"] > 5 * abs(first["val/gap/teacher_self"])
+    assert "val/gap/teacher_nfe2" in first  # the configured reference
     assert validation[1]["val/std/student"] > 0  # z channels are in use after training
     config = student["config"]
     assert config["generator"]["nfe"] == 1 and config["generator"]["noise"] is True
     assert config["generator"]["unet"]["in_channels"] == 2
     assert config["resolved"]["aux_steps"] == 2 and config["teacher"]["bridge"]["kind"] == "i2sb"
     assert config["task"]["kind"] == "sr4x_bicubic" and (config["image_size"], config["channels"]) == (16, 1)
-    assert config["distill"]["validation"]["batch_size"] == 6
+    assert config["distill"]["validation"]["batch_size"] == 3
 
 
 def _record_steps(monkeypatch, calls: list[int], fail_at: int | None = None) -> None:
@@ -217,7 +220,8 @@ def test_a_teacher_for_another_task_or_size_fails_before_training(
         ({"train": {"lr": 1e-3}}, "distill.train.lr"),
         ({"train": {"sample_every": 5}}, "distill.train.sample_every"),
         ({"train": {"batch_size": 0}}, "distill.train.batch_size"),
-        ({"validation": {"diversity_draws": 1}}, "distill.validation.diversity_draws"),
+        ({"validation": {"draws": 3}}, "distill.validation.draws"),
+        ({"validation": {"teacher_nfe": 8}}, "distill.validation.reference_nfes[1]"),
         ({"validation": {"grid_examples": 100}}, "distill.validation.grid_examples"),
         ({"distributed": {"nproc_per_node": 0}}, "distill.distributed.nproc_per_node"),
         ({"noise": "yes"}, "distill.noise"),
@@ -255,17 +259,26 @@ def test_auto_settings_follow_the_paper(bridge, conditional, inpainting, expecte
 # ---------------------------------------------------------------- validation metrics
 
 
-def test_sliced_wasserstein_is_a_distance_in_per_pixel_rms_units():
-    directions = random_directions(64, 4096, torch.Generator().manual_seed(0))
-    a = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    assert sliced_wasserstein(a, a, directions) == 0.0
-    assert sliced_wasserstein(a, a[torch.randperm(8)], directions) == pytest.approx(0.0, abs=1e-6)  # sets
-    shifted = a + 0.3  # a translation by v moves every projection by <v, p>: SW2 = ||v|| / sqrt(D)
-    assert sliced_wasserstein(a, shifted, directions) == pytest.approx(0.3, rel=0.05)
-    b = torch.randn(8, 1, 8, 8)
-    assert sliced_wasserstein(a, b, directions) == pytest.approx(sliced_wasserstein(b, a, directions))
-    draws = torch.stack([torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)])
-    assert per_pixel_std(draws) == pytest.approx(math.sqrt(0.5))
+def test_energy_distance_separates_a_point_mass_from_samples_and_is_zero_between_equals():
+    """In D dimensions, for X ~ N(mu, s^2 I): E||X - mu|| / sqrt(D) -> s and E||X - X'|| / sqrt(D)
+    -> s sqrt(2), so a point mass at mu scores (2 - sqrt 2) s while a second independent set of
+    draws scores 0 in expectation."""
+    gen = torch.Generator().manual_seed(0)
+    s, draws, images = 0.3, 6, 40
+    mu = torch.randn(1, images, 1, 32, 32, generator=gen)
+    samples = mu + s * torch.randn(draws, images, 1, 32, 32, generator=gen)
+    others = mu + s * torch.randn(draws, images, 1, 32, 32, generator=gen)
+    point_mass = mu.expand(draws, -1, -1, -1, -1)
+    expected = (2 - math.sqrt(2)) * s
+    assert float(energy_distance(point_mass, samples).mean()) == pytest.approx(expected, rel=0.02)
+    same = energy_distance(others, samples)
+    assert abs(float(same.mean())) < 0.01 * s and same.shape == (images,)
+    assert float(energy_distance(others + 0.5, samples).mean()) > 0.3  # a shifted mean is seen
+    assert float(energy_distance(samples, others).mean()) == pytest.approx(float(same.mean()))
+    draws_of_two = torch.stack([torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)])
+    assert per_pixel_std(draws_of_two) == pytest.approx(math.sqrt(0.5))
+    with pytest.raises(ValueError, match=">= 2 draws"):
+        energy_distance(samples[:1], samples)
 
 
 # ---------------------------------------------------------------- the student checkpoint

@@ -74,7 +74,7 @@ def _distill_params(batch_size: int, workdir: str | None) -> dict[str, Any]:
         "train": {"steps": 2, "batch_size": batch_size, "log_every": 1, "bf16": False, "checkpoint_every": 0},
         "validation": {
             "every": 0, "batch_size": 4, "draws": 4, "grid_examples": 2,
-            "teacher_nfe": 2,
+            "teacher_nfe": 2, "reference_nfes": [1],
         },
         "distributed": {"backend": "gloo"},
     }
@@ -117,6 +117,7 @@ def _teacher_rank_worker(config, train, val, out_dir: str) -> dict[str, Any]:
 
 
 def _distill_rank_worker(corrupted, teacher, config, out_dir: str) -> dict[str, Any]:
+    torch.set_num_threads(1)  # as the teacher worker: reduction order independent of thread count
     checkpoint = _distill_worker(corrupted, teacher, config, None, TASK["kind"], "cpu", False)
     _dump_history(out_dir, checkpoint["history"])
     return checkpoint
@@ -226,9 +227,14 @@ def test_ddp_distillation_matches_one_process_and_syncs_losses(teacher_runs, dat
     single_config = parse_distill_config(
         _distill_params(PER_RANK_BATCH * WORLD, str(tmp_path / "single_work"))
     )
-    single = distill_student(
-        corrupted, teacher, single_config, task_kind=TASK["kind"], device="cpu", progress=False
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = distill_student(
+            corrupted, teacher, single_config, task_kind=TASK["kind"], device="cpu", progress=False
+        )
+    finally:
+        torch.set_num_threads(threads)
 
     assert ddp["kind"] == "student" and ddp["step"] == single["step"] == 2
     for name in ("generator", "aux"):

@@ -114,7 +114,7 @@ def make_student(teacher: dict[str, Any], *, nfe: int = 1, task_kind: str | None
             "aux_steps": 1,
             "workdir": None,
             "train": {"steps": 1, "batch_size": 4, "log_every": 1},
-            "validation": {"every": 0, "batch_size": 2, "diversity_images": 1, "grid_examples": 1},
+            "validation": {"every": 0, "batch_size": 2, "grid_examples": 1},
         }
     )
     student = distill_student(

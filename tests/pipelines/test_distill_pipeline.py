@@ -41,8 +41,7 @@ DISTILL = {
     "workdir": None,
     "train": {"steps": 2, "batch_size": 3, "log_every": 1},
     "validation": {
-        "every": 1, "batch_size": 6, "teacher_nfe": 4, "diversity_images": 3, "diversity_draws": 2,
-        "projections": 16, "grid_examples": 3,
+        "every": 1, "batch_size": 6, "draws": 4, "teacher_nfe": 4, "reference_nfes": [1], "grid_examples": 3,
     },
 }
 # keep the thread count the test session chose (conftest), rather than one per core

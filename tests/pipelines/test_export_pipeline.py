@@ -42,7 +42,7 @@ ONE_UPDATE = {
     "aux_steps": 1,
     "workdir": None,
     "train": {"steps": 1, "batch_size": 2, "log_every": 1},
-    "validation": {"every": 0, "batch_size": 2, "diversity_images": 2, "grid_examples": 2},
+    "validation": {"every": 0, "batch_size": 2, "grid_examples": 2},
 }
 
 

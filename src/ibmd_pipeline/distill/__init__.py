@@ -4,7 +4,12 @@ Method doc sections 2-4. ``distill_student`` trains a student from corrupted ima
 teacher checkpoint; ``student_from_checkpoint`` rebuilds it for sampling.
 """
 
-from ibmd_pipeline.distill.config import DistillConfig, ValidationConfig, parse_distill_config, resolve_distill
+from ibmd_pipeline.distill.config import (
+    DistillConfig,
+    ValidationConfig,
+    parse_distill_config,
+    resolve_distill,
+)
 from ibmd_pipeline.distill.generator import BridgeGenerator
 from ibmd_pipeline.distill.ibmd import ibmd_auxiliary_loss, ibmd_generator_loss
 from ibmd_pipeline.distill.student import LoadedStudent, student_from_checkpoint

@@ -37,42 +37,45 @@ _OWNED_TRAIN_KEYS = {
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """The cheap validation signal logged during distillation (method doc: no clean images).
+    """The cheap validation signal logged during distillation (no clean images are used).
 
     every: generator updates between validations; 0 = off.
     batch_size: corrupted images held out from the *end* of ``corrupted_train`` (never trained
-        on); the teacher's references on them are computed once per run.
-    teacher_nfe: steps K of the reference teacher sampler (the "many-step teacher").
-    diversity_images / diversity_draws: the per-pixel std over z is measured on the first
-        ``diversity_images`` held-out images with ``diversity_draws`` noise draws each.
-    projections: random directions of the sliced Wasserstein distance.
+        on); each is drawn ``draws`` times by the teacher (once per run) and the student.
+    draws: samples per held-out image (>= 4 and even: the teacher's reference splits them in
+        halves); the gap is the per-image energy distance (``distill.validation`` module).
+    teacher_nfe: steps K of the reference teacher sampler (the "many-step teacher"), also the
+        last column of the ``distill_grid`` preview.
+    reference_nfes: the teacher's step counts (below K) whose gaps are logged as references
+        the student should beat; the student's own step counts are always added.
     grid_examples: rows of the ``distill_grid`` preview (taken from the held-out images).
     seed: seeds the validation's own noise, so the curves are a function of the weights only.
     """
 
-    every: int = 50
-    batch_size: int = 64
+    every: int = 25
+    batch_size: int = 32
+    draws: int = 4
     teacher_nfe: int = 100
-    diversity_images: int = 16
-    diversity_draws: int = 4
-    projections: int = 256
+    reference_nfes: tuple[int, ...] = (1, 10)
     grid_examples: int = 8
     seed: int = 1234
 
     def validate(self, key: str) -> None:
         prefix = f"{key}." if key else ""
         require(self.every >= 0, f"{prefix}every", f"must be >= 0 (0 = off), got {self.every}")
-        require(self.batch_size >= 2, f"{prefix}batch_size", f"must be >= 2, got {self.batch_size}")
+        require(self.batch_size >= 1, f"{prefix}batch_size", f"must be >= 1, got {self.batch_size}")
+        require(
+            self.draws >= 4 and self.draws % 2 == 0,
+            f"{prefix}draws",
+            f"must be an even number >= 4 (the teacher's draws are split in halves), got {self.draws}",
+        )
         require(self.teacher_nfe >= 1, f"{prefix}teacher_nfe", f"must be >= 1, got {self.teacher_nfe}")
-        require(
-            1 <= self.diversity_images <= self.batch_size,
-            f"{prefix}diversity_images",
-            f"must be in [1, batch_size={self.batch_size}], got {self.diversity_images}",
-        )
-        require(
-            self.diversity_draws >= 2, f"{prefix}diversity_draws", f"must be >= 2, got {self.diversity_draws}"
-        )
-        require(self.projections >= 1, f"{prefix}projections", f"must be >= 1, got {self.projections}")
+        for i, nfe in enumerate(self.reference_nfes):
+            require(
+                1 <= nfe <= self.teacher_nfe,
+                f"{prefix}reference_nfes[{i}]",
+                f"must be in [1, teacher_nfe={self.teacher_nfe}], got {nfe}",
+            )
         require(
             1 <= self.grid_examples <= self.batch_size,
             f"{prefix}grid_examples",

@@ -133,7 +133,9 @@ def student_from_checkpoint(
     try:
         generator.predictor.net.load_state_dict(weights)
     except StateDictMismatchError as err:  # weights of another network than the config describes
-        raise CheckpointMismatchError(f"the student checkpoint's weights do not fit its network: {err}") from err
+        raise CheckpointMismatchError(
+            f"the student checkpoint's weights do not fit its network: {err}"
+        ) from err
     device = torch.device(device)
     generator.to(device).eval().requires_grad_(False)
     return LoadedStudent(

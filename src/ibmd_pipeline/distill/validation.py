@@ -1,34 +1,37 @@
 """A cheap, clean-image-free validation signal for distillation.
 
-IBMD never sees clean images, and neither does its validation. On a fixed batch of corrupted
-images held out from the training set, the teacher's references are computed once:
+IBMD never sees clean images, and neither does its validation. It compares the student's
+*conditional* distribution ``p_theta(x0 | xT)`` with the teacher's many-step one on a fixed set
+of held-out corrupted images, each drawn ``draws`` times (for inpainting
+each draw also gets its own N(0, I) fill of the hole, the randomness of xT itself). The
+teacher's references are computed once per run:
 
-- its one-step output (NFE 1, the blurry posterior mean the student starts from),
-- its many-step samples (NFE K, the target of distillation), twice with independent noise,
-- its K-step samples drawn several times for a few images (its diversity).
+- NFE K (``teacher_nfe``): the target of distillation;
+- NFE 1: the blurry posterior mean ``E[x0 | xT]`` that a one-step student starts from;
+- NFE M for ``reference_nfes`` (e.g. 10) and the student's step counts (the teacher with the
+  student's budget).
 
-Every validation then samples the student on the same batch (with fixed noise, so the curve
-is a function of the weights only) and logs
+Every validation samples the student with fixed noise (so the curve is a function of the
+weights only) and logs, per step count M in 1, 2, 4 up to its N:
 
-1. the *gap*: the sliced Wasserstein-2 distance between the student's samples and the
-   teacher's NFE-K samples, for the student run with each of 1, 2, 4 steps up to its N;
-2. the same distance for the teacher at NFE 1 (and NFE M), the reference the student should
-   beat, and between the teacher's two independent NFE-K draws, the noise floor at this
-   batch size (a student indistinguishable from the teacher sits there);
-3. the per-pixel standard deviation of the student over z (diversity), next to the teacher's
-   (for inpainting, each draw also refills the hole's noise).
+1. the *gap*: the energy distance between the student's draws and the teacher's NFE-K draws
+   for the same xT, averaged over the images;
+2. the same for the teacher at NFE 1 and the other references (to beat), and the teacher's
+   NFE-K draws split in two halves against each other (``teacher_self``: what a student
+   indistinguishable from the teacher would score, about 0);
+3. the per-pixel standard deviation over draws (diversity), student next to teacher.
 
-The sliced distance compares the two *sets* of images as distributions over pixel space
-(R^D, D = C*H*W): for P random unit directions it sorts both projected sets and averages the
-squared differences (the exact 1-D W2 between equal-size empirical measures), then takes the
-square root of the mean. For two single images it is their per-pixel RMS difference, so the
-numbers read as "RMS pixel distance" (images in [-1, 1]). It is well defined with any batch
-size and costs one matrix product.
+Energy distance (Szekely): ``E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'||`` with X, X' from
+one distribution and Y, Y' from the other; ``E >= 0``, and 0 exactly when the distributions
+agree. It is the MMD of the distance kernel, so it sees both a wrong mean and a wrong spread:
+a point mass at the teacher's mean (the NFE-1 output) scores ``2 E||mu - Y|| - E||Y - Y'||
+> 0`` although it is closer to each teacher sample on average than two teacher samples are
+to each other. Norms are per-pixel RMS (``||.|| / sqrt(C H W)``, images in [-1, 1]); the
+within-set terms skip i = j, so the estimate is unbiased and may dip slightly below 0.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -40,36 +43,33 @@ from ibmd_pipeline.distill.generator import BridgeGenerator
 from ibmd_pipeline.engine.devices import autocast_context
 from ibmd_pipeline.networks.predictors import X0Predictor
 
-__all__ = ["DistillValidator", "per_pixel_std", "random_directions", "sliced_wasserstein"]
+__all__ = ["DistillValidator", "energy_distance", "per_pixel_std", "student_step_counts"]
 
 
-def random_directions(dim: int, count: int, generator: torch.Generator | None = None) -> Tensor:
-    """``(dim, count)`` float32 unit vectors, uniform on the sphere (normalised Gaussians)."""
-    directions = torch.randn(dim, count, generator=generator, dtype=torch.float32)
-    return directions / directions.norm(dim=0, keepdim=True)
+def _mean_rms_distance(a: Tensor, b: Tensor, skip_diagonal: bool) -> Tensor:
+    """``(N,)`` mean over draw pairs of the per-pixel RMS distance; ``a``, ``b`` are ``(m, N, D)``."""
+    # (N, m, m) pairwise distances per image
+    distances = torch.cdist(a.transpose(0, 1), b.transpose(0, 1)) / a.shape[-1] ** 0.5
+    m_a, m_b = a.shape[0], b.shape[0]
+    if skip_diagonal:
+        return distances.sum(dim=(1, 2)) / (m_a * (m_a - 1))  # the diagonal is zero
+    return distances.mean(dim=(1, 2))
 
 
-def sliced_wasserstein(a: Tensor, b: Tensor, directions: Tensor) -> float:
-    """Sliced W2 between the image sets ``a`` and ``b`` (same count, any shape ``(N, ...)``).
+def energy_distance(x: Tensor, y: Tensor) -> Tensor:
+    """Per-image energy distance between draw sets ``x`` ``(m, N, ...)`` and ``y`` ``(k, N, ...)``.
 
-    ``directions``: ``(D, P)`` unit vectors, D = the flattened image size (see
-    :func:`random_directions`). ``sqrt(mean_p W2^2(<a, p>, <b, p>))``; W2 between equal-size
-    1-D empirical measures pairs the sorted values.
+    Returns ``(N,)``: ``2 mean||x_i - y_j|| - mean_{i!=j}||x_i - x_j|| - mean_{i!=j}||y_i - y_j||``
+    with per-pixel RMS norms; both sets need at least 2 draws (module docstring).
     """
-    if a.shape != b.shape:
+    if x.shape[0] < 2 or y.shape[0] < 2 or x.shape[1:] != y.shape[1:]:
         raise ValueError(
-            f"sliced_wasserstein needs sets of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+            f"energy_distance needs >= 2 draws of the same images, got {tuple(x.shape)} and {tuple(y.shape)}"
         )
-    flat_a = a.reshape(a.shape[0], -1).float()
-    flat_b = b.reshape(b.shape[0], -1).float()
-    if directions.shape[0] != flat_a.shape[1]:
-        raise ValueError(
-            f"directions of dimension {directions.shape[0]} for images of size {flat_a.shape[1]}"
-        )
-    directions = directions.to(flat_a.device)
-    proj_a = (flat_a @ directions).sort(dim=0).values
-    proj_b = (flat_b @ directions).sort(dim=0).values
-    return math.sqrt(float((proj_a - proj_b).square().mean()))
+    x = x.flatten(2).double()
+    y = y.flatten(2).double()
+    cross = _mean_rms_distance(x, y, skip_diagonal=False)
+    return 2.0 * cross - _mean_rms_distance(x, x, True) - _mean_rms_distance(y, y, True)
 
 
 def per_pixel_std(draws: Tensor) -> float:
@@ -86,21 +86,19 @@ def student_step_counts(nfe: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class TeacherReferences:
-    """The teacher's samples on the held-out batch, computed once per run."""
+    """The teacher's draws on the validation images, ``(draws, images, C, H, W)`` each."""
 
-    nfe1: Tensor
-    by_nfe: dict[int, Tensor]  # the teacher at the student's step counts M > 1
     many: Tensor  # NFE K
-    many_again: Tensor  # NFE K, independent noise
-    many_draws: Tensor  # (draws, diversity_images, C, H, W) at NFE K
+    by_nfe: dict[int, Tensor]  # NFE 1, the reference_nfes and the student's step counts
 
 
 class DistillValidator:
-    """Teacher references on a fixed corrupted batch, and the student's metrics against them.
+    """Teacher references on fixed held-out corrupted images, and the student's metrics.
 
-    xT / mask: the held-out batch (already on the teacher's device). ``student_nfe`` sets the
-    step counts validated (:func:`student_step_counts`). ``bf16``: run the networks under
-    bfloat16 autocast (as training does); the distances are computed in float32.
+    xT / mask: the held-out images (on the teacher's device), each drawn ``config.draws``
+    times. ``student_nfe`` sets the step counts validated (:func:`student_step_counts`).
+    ``bf16``: run the networks under bfloat16 autocast (as training does); the distances are
+    computed in float64.
     """
 
     def __init__(
@@ -113,67 +111,70 @@ class DistillValidator:
         *,
         bf16: bool = False,
     ):
-        self.xT = xT
-        self.bf16 = bf16
-        self.mask = mask
         self.config = config
+        self.bf16 = bf16
+        self.device = xT.device
         self.step_counts = student_step_counts(student_nfe)
         self.schedule = teacher.schedule
-        dim = int(xT[0].numel())
-        directions_seed = torch.Generator().manual_seed(config.seed)
-        self.directions = random_directions(dim, config.projections, directions_seed)
+        self.image_shape = tuple(xT.shape[1:])
+        self.xT, self.mask = self._repeat_draws(xT, mask)
         self.references = self._teacher_references(teacher)
         self.reference_metrics = self._reference_metrics()
 
+    def _repeat_draws(self, xT: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The images repeated ``draws`` times (draw-major); with a mask, every repeat's hole gets
+        its own N(0, I) fill (fixed seed): that noise is part of xT's distribution, and all the
+        randomness a generator without z (I2SB inpainting, OT-ODE) has."""
+        draws = self.config.draws
+        repeated = xT.repeat(draws, 1, 1, 1)
+        if mask is None:
+            return repeated, None
+        mask = mask.repeat(draws, 1, 1, 1)
+        fill = torch.randn(repeated.shape, generator=self._noise(300), device=xT.device, dtype=xT.dtype)
+        return repeated * (1.0 - mask) + fill * mask, mask
+
     def _noise(self, offset: int) -> torch.Generator:
-        generator = torch.Generator(device=self.xT.device)
-        return generator.manual_seed(self.config.seed + offset)
+        return torch.Generator(device=self.device).manual_seed(self.config.seed + offset)
 
     def _autocast(self):
-        return autocast_context(self.xT.device, self.bf16, allow_cpu=True)
+        return autocast_context(self.device, self.bf16, allow_cpu=True)
+
+    def _as_draws(self, samples: Tensor) -> Tensor:
+        return samples.reshape(self.config.draws, -1, *self.image_shape)
 
     @torch.no_grad()
     def _teacher_references(self, teacher: X0Predictor) -> TeacherReferences:
-        config, schedule = self.config, self.schedule
-        k = config.teacher_nfe
-
-        def run(nfe: int, offset: int, xT: Tensor = self.xT, mask: Tensor | None = self.mask) -> Tensor:
+        def run(nfe: int, offset: int) -> Tensor:
             with self._autocast():
-                return sample(
-                    teacher, xT, schedule, nfe, mode="ancestral", mask=mask, generator=self._noise(offset)
+                x0 = sample(
+                    teacher, self.xT, self.schedule, nfe, mode="ancestral", mask=self.mask,
+                    generator=self._noise(offset),
                 )
+            return self._as_draws(x0.float())
 
-        draws_xT, draws_mask = self._diversity_batch()
-        many_draws = run(k, 4, draws_xT, draws_mask).reshape(
-            config.diversity_draws, config.diversity_images, *self.xT.shape[1:]
-        )
+        counts = sorted({1, *self.config.reference_nfes, *self.step_counts})
         return TeacherReferences(
-            nfe1=run(1, 1),
-            by_nfe={m: run(m, 10 + m) for m in self.step_counts if m > 1},
-            many=run(k, 2),
-            many_again=run(k, 3),
-            many_draws=many_draws,
+            many=run(self.config.teacher_nfe, 0), by_nfe={m: run(m, 10 + m) for m in counts}
         )
 
-    def distance(self, samples: Tensor) -> float:
-        """Sliced W2 between ``samples`` of the held-out batch and the teacher's NFE-K samples."""
-        return sliced_wasserstein(samples, self.references.many, self.directions)
+    def gap(self, draws: Tensor) -> float:
+        """Mean energy distance between ``draws`` (draws, images, ...) and the teacher's NFE-K draws."""
+        return float(energy_distance(draws, self.references.many).mean())
 
     def _reference_metrics(self) -> dict[str, float]:
-        refs = self.references
-        metrics = {
-            "val/gap/teacher_nfe1": self.distance(refs.nfe1),
-            "val/gap/teacher_floor": self.distance(refs.many_again),
-            "val/std/teacher": per_pixel_std(refs.many_draws),
-        }
-        metrics.update({f"val/gap/teacher_nfe{m}": self.distance(x) for m, x in refs.by_nfe.items()})
+        many = self.references.many
+        half = self.config.draws // 2
+        metrics = {f"val/gap/teacher_nfe{m}": self.gap(x) for m, x in self.references.by_nfe.items()}
+        metrics["val/gap/teacher_self"] = float(energy_distance(many[:half], many[half:]).mean())
+        metrics["val/std/teacher"] = per_pixel_std(many)
         return metrics
 
     @torch.no_grad()
-    def student_samples(self, generator: BridgeGenerator, nfe: int) -> Tensor:
-        """The student's samples on the held-out batch with the validation's fixed noise."""
+    def student_draws(self, generator: BridgeGenerator, nfe: int) -> Tensor:
+        """The student's draws ``(draws, images, C, H, W)`` with the validation's fixed noise."""
         with self._autocast():
-            return generator(self.xT, mask=self.mask, nfe=nfe, generator=self._noise(100 + nfe))
+            x0 = generator(self.xT, mask=self.mask, nfe=nfe, generator=self._noise(100 + nfe))
+        return self._as_draws(x0.float())
 
     @torch.no_grad()
     def __call__(self, generator: BridgeGenerator, raw: BridgeGenerator | None = None) -> dict[str, float]:
@@ -182,36 +183,14 @@ class DistillValidator:
         generator.eval()
         metrics = dict(self.reference_metrics)
         for m in self.step_counts:
-            metrics[f"val/gap/student_nfe{m}"] = self.distance(self.student_samples(generator, m))
-        metrics["val/std/student"] = self._student_std(generator)
+            draws = self.student_draws(generator, m)
+            metrics[f"val/gap/student_nfe{m}"] = self.gap(draws)
+            if m == generator.nfe:
+                metrics["val/std/student"] = per_pixel_std(draws)
+        generator.train(was_training)
         if raw is not None:
             raw_training = raw.training
             raw.eval()
-            metrics[f"val/gap/student_raw_nfe{raw.nfe}"] = self.distance(self.student_samples(raw, raw.nfe))
+            metrics[f"val/gap/student_raw_nfe{raw.nfe}"] = self.gap(self.student_draws(raw, raw.nfe))
             raw.train(raw_training)
-        generator.train(was_training)
         return metrics
-
-    def _diversity_batch(self) -> tuple[Tensor, Tensor | None]:
-        """The first ``diversity_images`` held-out images, repeated ``diversity_draws`` times.
-
-        With a mask, each repeat's hole gets its own N(0, I) fill (fixed seed): for inpainting
-        that noise is part of xT's distribution, and it is all the randomness a generator
-        without z (I2SB inpainting, OT-ODE) has.
-        """
-        config = self.config
-        xT = self.xT[: config.diversity_images].repeat(config.diversity_draws, 1, 1, 1)
-        if self.mask is None:
-            return xT, None
-        mask = self.mask[: config.diversity_images].repeat(config.diversity_draws, 1, 1, 1)
-        fill = torch.randn(xT.shape, generator=self._noise(300), device=xT.device, dtype=xT.dtype)
-        return xT * (1.0 - mask) + fill * mask, mask
-
-    def _student_std(self, generator: BridgeGenerator) -> float:
-        config = self.config
-        xT, mask = self._diversity_batch()
-        with self._autocast():
-            draws = generator(xT, mask=mask, generator=self._noise(200))
-        draws = draws.reshape(config.diversity_draws, config.diversity_images, *self.xT.shape[1:])
-        return per_pixel_std(draws)
-

@@ -9,25 +9,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")  # nodes may run in worker processes without a display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from ibmd_pipeline.bridges.samplers import sample  # noqa: E402
-from ibmd_pipeline.degradations import TaskConfig  # noqa: E402
-from ibmd_pipeline.distill.config import parse_distill_config  # noqa: E402
-from ibmd_pipeline.distill.student import student_from_checkpoint  # noqa: E402
-from ibmd_pipeline.distill.trainer import distill_student, split_held_out  # noqa: E402
-from ibmd_pipeline.engine.config import ConfigError, parse_config  # noqa: E402
-from ibmd_pipeline.engine.devices import configure_threads, select_device  # noqa: E402
-from ibmd_pipeline.pipelines.common import make_image_grid  # noqa: E402
-from ibmd_pipeline.teacher.config import EngineConfig  # noqa: E402
-from ibmd_pipeline.teacher.model import teacher_from_checkpoint  # noqa: E402
+from ibmd_pipeline.bridges.samplers import sample
+from ibmd_pipeline.degradations import TaskConfig
+from ibmd_pipeline.distill.config import parse_distill_config
+from ibmd_pipeline.distill.student import student_from_checkpoint
+from ibmd_pipeline.distill.trainer import distill_student, split_held_out
+from ibmd_pipeline.engine.config import ConfigError, parse_config
+from ibmd_pipeline.engine.devices import configure_threads, select_device
+from ibmd_pipeline.pipelines.common import make_image_grid
+from ibmd_pipeline.teacher.config import EngineConfig
+from ibmd_pipeline.teacher.model import teacher_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +85,17 @@ def _series(history: list[dict[str, float]], key: str) -> tuple[list[float], lis
 def plot_distill_curves(student_model: dict[str, Any]) -> Figure:
     """Both losses and the validation signal against generator updates.
 
-    Panels: generator loss (with its teacher and fake terms), auxiliary loss, the sliced-W2
-    gap to the many-step teacher (student at each validated step count, the one-step teacher
-    and the noise floor as references), and the per-pixel std over z (student vs teacher).
+    Panels: generator loss (with its teacher and fake terms), auxiliary loss, the gap to the
+    many-step teacher (energy distance on held-out corrupted images: the student at each
+    validated step count, the teacher at NFE 1 and at the student's budget, and the teacher
+    against itself, about 0), and the per-pixel std over draws (student vs teacher).
     """
     history = list(student_model.get("history", []))
     validation = student_model["config"]["distill"]["validation"]
     k = validation["teacher_nfe"]
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    # A bare Figure (no pyplot): no global backend state, nothing left open after saving.
+    figure = Figure(figsize=(11, 7.5))
+    axes = figure.subplots(2, 2)
     (ax_gen, ax_aux), (ax_gap, ax_std) = axes
 
     ax_gen.plot(*_series(history, "loss/generator"), label="generator loss (teacher - fake)")
@@ -113,17 +111,23 @@ def plot_distill_curves(student_model: dict[str, Any]) -> Figure:
     ax_aux.set_title("auxiliary updates (mean of L per step)")
     ax_aux.legend(fontsize=8)
 
-    gap_keys = sorted(
-        {key for record in history for key in record if key.startswith("val/gap/student")}, key=str
-    )
-    for key in gap_keys:
-        ax_gap.plot(*_series(history, key), marker=".", label=key.removeprefix("val/gap/"))
-    for key, style in (("val/gap/teacher_nfe1", "--"), ("val/gap/teacher_floor", ":")):
-        steps, values = _series(history, key)
-        if values:
-            label = "teacher NFE 1" if key.endswith("nfe1") else f"teacher NFE {k} again (floor)"
-            ax_gap.axhline(values[-1], color="black", ls=style, lw=1, label=label)
-    ax_gap.set_title(f"sliced W2 to teacher NFE {k} samples (held-out corrupted images)")
+    keys = sorted({key for record in history for key in record if key.startswith("val/gap/")})
+    for key in (key for key in keys if key.startswith("val/gap/student")):
+        steps = key.rpartition("nfe")[2]
+        label = f"student NFE {steps} ({'raw weights' if '_raw_' in key else 'EMA'})"
+        ax_gap.plot(*_series(history, key), marker=".", label=label)
+    prefix = "val/gap/teacher_nfe"
+    teacher_nfes = sorted(int(key.removeprefix(prefix)) for key in keys if key.startswith(prefix))
+    shades = ["black", "dimgray", "darkgray", "silver"]
+    for index, nfe in enumerate(teacher_nfes):
+        _, values = _series(history, f"val/gap/teacher_nfe{nfe}")
+        ax_gap.axhline(
+            values[-1], color=shades[min(index, len(shades) - 1)], ls="--", lw=1, label=f"teacher NFE {nfe}"
+        )
+    _, values = _series(history, "val/gap/teacher_self")
+    if values:
+        ax_gap.axhline(values[-1], color="gray", ls=":", lw=1, label=f"teacher NFE {k} vs itself")
+    ax_gap.set_title(f"energy distance to teacher NFE {k} (held-out corrupted images)")
     ax_gap.set_xlabel("generator updates")
     ax_gap.legend(fontsize=8)
 
@@ -131,7 +135,7 @@ def plot_distill_curves(student_model: dict[str, Any]) -> Figure:
     steps, values = _series(history, "val/std/teacher")
     if values:
         ax_std.axhline(values[-1], color="black", ls="--", lw=1, label=f"teacher NFE {k}")
-    ax_std.set_title("diversity: per-pixel std over draws")
+    ax_std.set_title("diversity: per-pixel std over draws of one image")
     ax_std.set_xlabel("generator updates")
     ax_std.legend(fontsize=8)
 
