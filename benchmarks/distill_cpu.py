@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, help="override distill.train.steps of the full run")
+    parser.add_argument("--aux-batch-size", type=int, help="override distill.aux_batch_size")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     parser.add_argument("--teacher-steps", type=int, default=600, help="quick teacher, if none is found")
     parser.add_argument("--skip-run", action="store_true", help="only the cost measurements")
@@ -241,6 +242,8 @@ def main() -> None:
     distill["workdir"] = None  # never resume a previous benchmark's working checkpoint
     if args.steps is not None:
         distill["train"] = {**distill["train"], "steps": args.steps}
+    if args.aux_batch_size is not None:
+        distill["aux_batch_size"] = args.aux_batch_size
     config = parse_distill_config(distill)
     batch, bf16 = config.train.batch_size, config.autocast_bf16(device)
     print(f"batch {batch}, bf16 autocast {bf16}, {len(xT)} corrupted training images {tuple(xT.shape[1:])}")

@@ -221,7 +221,7 @@ def test_a_teacher_for_another_task_or_size_fails_before_training(
         ({"train": {"sample_every": 5}}, "distill.train.sample_every"),
         ({"train": {"batch_size": 0}}, "distill.train.batch_size"),
         ({"validation": {"draws": 3}}, "distill.validation.draws"),
-        ({"validation": {"teacher_nfe": 8}}, "distill.validation.reference_nfes[1]"),
+        ({"validation": {"teacher_nfe": 8}}, "distill.validation.reference_nfes[3]"),
         ({"validation": {"grid_examples": 100}}, "distill.validation.grid_examples"),
         ({"distributed": {"nproc_per_node": 0}}, "distill.distributed.nproc_per_node"),
         ({"noise": "yes"}, "distill.noise"),

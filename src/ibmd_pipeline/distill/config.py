@@ -56,7 +56,7 @@ class ValidationConfig:
     batch_size: int = 32
     draws: int = 4
     teacher_nfe: int = 100
-    reference_nfes: tuple[int, ...] = (1, 10)
+    reference_nfes: tuple[int, ...] = (1, 2, 5, 10)
     grid_examples: int = 8
     seed: int = 1234
 
