@@ -2,6 +2,11 @@
 
 from kedro.config import OmegaConfigLoader
 
+from ibmd_pipeline.hooks import TrackingHooks
+
+# MLflow tracking of each run, off unless ``tracking.enabled`` (conf/base/parameters_tracking.yml).
+HOOKS = (TrackingHooks(),)
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 # Parameters and globals are merged key by key across environments, so that
 # ``conf/test`` only has to name the values it shrinks.
