@@ -7,19 +7,23 @@ import math
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from ibmd_pipeline.distill.config import DistillConfig, parse_distill_config, resolve_distill
 from ibmd_pipeline.distill.student import student_from_checkpoint
 from ibmd_pipeline.distill.trainer import (
     DistillRun,
+    _distill_worker,
     build_distill_run,
     distill_student,
     run_folder_name,
     split_held_out,
 )
 from ibmd_pipeline.distill.validation import energy_distance, per_pixel_std
+from ibmd_pipeline.engine.checkpoint import load_checkpoint
 from ibmd_pipeline.engine.config import ConfigError
-from ibmd_pipeline.engine.distributed import DistContext
+from ibmd_pipeline.engine.devices import is_compiled
+from ibmd_pipeline.engine.distributed import DistContext, WorkerError, launch_local
 from ibmd_pipeline.engine.training import set_learning_rates
 from ibmd_pipeline.teacher.model import CheckpointMismatchError
 
@@ -178,6 +182,36 @@ def test_runs_with_another_configuration_use_another_working_folder():
     assert same == run_folder_name(base, train)  # settings that only watch the run are neutral
     assert run_folder_name({**base, "resolved": {"aux_steps": 1}}, train) != same
     assert run_folder_name(base, {**train, "steps": 11}) != same
+    # torch.compile changes how the run executes, not what it computes: a run resumes across it
+    assert run_folder_name(base, {**train, "compile": {"enabled": True, "mode": "max-autotune"}}) == same
+
+
+def test_compiled_networks_give_the_eager_losses_and_plain_checkpoints(teacher_checkpoint, corrupted_images):
+    """The ``eager`` backend captures the teacher's, generator's and auxiliary model's graphs as
+    inductor would get them (five graphs: grad modes and input requirements differ by update) but
+    runs PyTorch's kernels; it must change nothing but rounding. (The teacher test covers
+    ``aot_eager``, which also traces the backward pass; here it would double the time.)"""
+    xT, _ = corrupted_images(count=12)
+    teacher = teacher_checkpoint()
+    eager_config = tiny_config(train={"steps": 2}, validation={"every": 0})
+    compiled_config = tiny_config(
+        train={"steps": 2, "compile": {"enabled": True, "backend": "eager"}}, validation={"every": 0}
+    )
+    run = build_distill_run(CPU, xT, teacher, compiled_config, task_kind="sr4x_bicubic")
+    assert all(is_compiled(m) for m in (run.teacher.predictor.net, run.generator, run.aux))
+    assert not is_compiled(run.ema_generator)  # the EMA shadow stays a plain copy
+    eager = distill_student(xT, teacher, eager_config, device="cpu", progress=False)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = distill_student(xT, teacher, compiled_config, device="cpu", progress=False)
+    assert counters["stats"]["unique_graphs"] >= graphs + 5  # really compiled, no eager fallback
+    for group in ("models", "ema"):
+        for name, weights in eager[group].items():
+            assert list(compiled[group][name]) == list(weights)  # no _orig_mod. prefixes
+            for key, value in weights.items():
+                torch.testing.assert_close(compiled[group][name][key], value, rtol=0, atol=1e-5)
+    for a, b in zip(eager["history"], compiled["history"], strict=True):
+        for key in ("loss/generator", "loss/aux", "term/teacher", "term/fake"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
 
 # ---------------------------------------------------------------- inputs and mismatches
@@ -337,21 +371,38 @@ def test_student_loading_rejects_other_data_and_teacher_checkpoints(teacher_chec
 # ---------------------------------------------------------------- data parallel
 
 
+def _crashing_distill_worker(corrupted, teacher, config, task_kind, crash_step):
+    """A DDP worker whose every rank dies in the generator update of ``crash_step`` (spawned)."""
+    original = DistillRun.generator_update
+
+    def crashing(self, state, step):
+        if step == crash_step:
+            raise RuntimeError(f"simulated crash at step {step}")
+        return original(self, state, step)
+
+    DistillRun.generator_update = crashing
+    return _distill_worker(corrupted, teacher, config, None, task_kind, "cpu", False)
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_the_global_batch(teacher_checkpoint, corrupted_images):
+def test_two_processes_equal_one_process_write_one_checkpoint_and_resume_exactly(
+    teacher_checkpoint, corrupted_images, tmp_path
+):
     """Gloo on the CPU: per-rank batches B on 2 ranks reproduce one process with batch 2B, since
-    every draw is made for the global batch and DDP averages the per-rank mean gradients."""
+    every draw is made for the global batch and DDP averages the per-rank mean gradients. The two
+    ranks keep one working checkpoint, and a run killed after it resumes bit for bit."""
     task = "sketch"  # conditional DDBM teacher, 2-step student trained by rollout
     xT, _ = corrupted_images(task, 24)
     teacher = teacher_checkpoint(task)
     common = {"student_nfe": 2, "validation": {"every": 0}}
-    two = distill_student(
-        xT, teacher,
-        tiny_config(
-            train={"steps": 2, "batch_size": 2}, aux_batch_size=3, distributed={"nproc_per_node": 2}, **common
-        ),
-        device="cpu", progress=False,
-    )
+
+    def two_ranks(workdir):
+        return tiny_config(
+            train={"steps": 2, "batch_size": 2, "checkpoint_every": 1}, aux_batch_size=3,
+            distributed={"nproc_per_node": 2}, workdir=str(workdir), keep_workdir=True, **common,
+        )
+
+    two = distill_student(xT, teacher, two_ranks(tmp_path / "straight"), device="cpu", progress=False)
     one = distill_student(
         xT, teacher, tiny_config(train={"steps": 2, "batch_size": 4}, aux_batch_size=6, **common),
         device="cpu", progress=False,
@@ -362,3 +413,29 @@ def test_two_processes_equal_one_process_with_the_global_batch(teacher_checkpoin
     for name in ("generator", "aux"):
         for key, value in one["models"][name].items():
             torch.testing.assert_close(two["models"][name][key], value, rtol=0, atol=2e-3)  # 2 Adam steps
+
+    # One working checkpoint for both ranks, with both ranks' random states (equal here: every
+    # draw is made for the global batch from generators seeded alike on every rank).
+    files = [p for p in (tmp_path / "straight").rglob("*") if p.is_file()]
+    assert [p.name for p in files] == ["last.pt"], files
+    working = load_checkpoint(files[0])
+    assert working["step"] == 2 and working["world_size"] == 2 and len(working["rng"]) == 2
+    assert torch.equal(working["rng"][0]["generator"], working["rng"][1]["generator"])
+
+    # Killed in step 1 after the step-1 checkpoint, then restarted with the same settings.
+    crashed = two_ranks(tmp_path / "crashed")
+    with pytest.raises(WorkerError, match="simulated crash at step 1"):
+        launch_local(
+            _crashing_distill_worker, 2, args=(xT, teacher, crashed, task, 1), config=crashed.distributed
+        )
+    (checkpoint,) = (tmp_path / "crashed").rglob("*.pt")
+    assert load_checkpoint(checkpoint)["step"] == 1
+    resumed = distill_student(xT, teacher, crashed, device="cpu", progress=False)
+    for group in ("models", "ema"):
+        for name, weights in two[group].items():
+            for key, value in weights.items():
+                assert torch.equal(resumed[group][name][key], value), f"{group}.{name}.{key}"
+    def timeless(history):
+        return [{k: v for k, v in r.items() if k != "sec_per_step"} for r in history]
+
+    assert timeless(resumed["history"]) == timeless(two["history"])

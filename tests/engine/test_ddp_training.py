@@ -204,15 +204,16 @@ def test_ddp_teacher_losses_are_rank_means_and_agree_on_every_rank(teacher_runs)
     )
 
 
-def test_ddp_teacher_working_checkpoints_one_per_rank_rank0s_at_the_top(teacher_runs) -> None:
-    """Rank 0 owns ``workdir/<run folder>/last.pt``; rank r keeps its own resume state (its random
-    streams) in ``<run folder>/rank<r>/`` (the trainer's documented layout), with the same weights."""
+def test_ddp_teacher_writes_one_working_checkpoint_with_every_ranks_random_states(teacher_runs) -> None:
+    """Rank 0 alone writes ``workdir/<run folder>/last.pt``; it holds the weights every rank
+    ended with and each rank's own random streams (entry r for rank r), so every rank resumes
+    from that one file."""
+    files = _files(teacher_runs["root"] / "ddp_work")
     (work,) = (teacher_runs["root"] / "ddp_work").glob("run-*")
-    checkpoints = [name for name in _files(work) if name.endswith(".pt")]
-    assert checkpoints == ["last.pt", "rank1/last.pt"], checkpoints
-    main, other = load_checkpoint(work / "last.pt"), load_checkpoint(work / "rank1" / "last.pt")
-    assert main["step"] == other["step"] == 3
-    _assert_close_weights(main["models"]["model"], other["models"]["model"])
+    assert files == [f"{work.name}/last.pt"], files
+    main = load_checkpoint(work / "last.pt")
+    assert main["step"] == 3 and main["world_size"] == WORLD and len(main["rng"]) == WORLD
+    assert not torch.equal(main["rng"][0]["generator"], main["rng"][1]["generator"])  # per-rank streams
     _assert_close_weights(main["models"]["model"], teacher_runs["ddp"]["models"]["model"])
 
 
@@ -247,8 +248,9 @@ def test_ddp_distillation_matches_one_process_and_syncs_losses(teacher_runs, dat
         torch.testing.assert_close(
             torch.tensor(rank0), torch.tensor(_losses(single["history"], key)), rtol=1e-5, atol=1e-6, msg=key
         )
-    written = [name for name in _files(tmp_path / "ddp_work") if name.endswith(".pt")]
-    assert len(written) == 1 and written[0].endswith("last.pt"), written
+    written = _files(tmp_path / "ddp_work")
+    assert len(written) == 1 and written[0].endswith("/last.pt"), written
+    assert load_checkpoint(tmp_path / "ddp_work" / written[0])["world_size"] == WORLD
 
 
 # ---------------------------------------------------------------- the console entry point

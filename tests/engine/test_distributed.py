@@ -33,6 +33,7 @@ from ibmd_pipeline.engine.distributed import (
     barrier,
     broadcast_object,
     cleanup_distributed,
+    gather_objects,
     find_free_port,
     init_distributed,
     is_main,
@@ -96,6 +97,7 @@ def _collectives_worker(config: DistributedConfig, tag: str) -> object:
         # a loss-like tensor with a graph: the mean must detach it
         "mean_of_tensors": all_reduce_mean(torch.tensor(10.0, requires_grad=True) * ctx.rank, ctx),
     }
+    seen["gathered"] = gather_objects((ctx.rank, f"rank {ctx.rank}", torch.tensor([ctx.rank + 0.5])), ctx)
     seen["from_main"] = broadcast_object({"tag": tag} if ctx.is_main else None, ctx)
     peer = broadcast_object(seen, ctx, src=1)
     barrier(ctx)
@@ -269,6 +271,7 @@ def test_helpers_are_identities_in_one_process() -> None:
         all_reduce_mean(torch.ones(2), ctx)
     marker = object()
     assert broadcast_object(marker, ctx) is marker
+    assert gather_objects(marker, ctx) == [marker] and gather_objects(marker, ctx)[0] is marker
     barrier(ctx)
     assert is_main(ctx) and progress_enabled(ctx)
     assert launch_local(divmod, 1, (7, 2)) == (3, 1)  # one process: runs here, no spawn
@@ -362,6 +365,9 @@ def test_launch_local_returns_rank0_value_and_collectives_agree_twice_in_a_row()
         assert main["mean_of_numbers"] == peer["mean_of_numbers"] == 1.5
         assert main["mean_of_tensors"] == peer["mean_of_tensors"] == 5.0
         assert main["from_main"] == peer["from_main"] == {"tag": tag}
+        for gathered in (main["gathered"], peer["gathered"]):  # every rank's value, in rank order
+            assert [(r, text) for r, text, _ in gathered] == [(0, "rank 0"), (1, "rank 1")]
+            assert [float(t) for _, _, t in gathered] == [0.5, 1.5]
         assert main["port"] == peer["port"] != 0  # picked at launch, shared by both ranks
 
 

@@ -25,8 +25,10 @@ from ibmd_pipeline.engine.training import (
     export_checkpoint,
     lr_factor,
     optimizer_step,
+    restore_training_state,
     run_training,
     seed_everything,
+    training_checkpoint,
 )
 from ibmd_pipeline.networks.unet import UNet, unet_preset
 
@@ -497,3 +499,59 @@ def test_nonfinite_error_survives_pickling():
     error = pickle.loads(pickle.dumps(NonFiniteLossError(3, "loss of 'g'", float("inf"), "kept x")))
     assert (error.step, error.name, error.value, error.note) == (3, "loss of 'g'", float("inf"), "kept x")
     assert "training step 3" in str(error)
+
+
+# --------------------------------------------------------------------------- working-checkpoint format
+
+
+def test_working_checkpoint_stores_one_random_state_per_rank_and_refuses_another_world_size(tmp_path: Path):
+    cfg = config(steps=4)
+    state = run_training(
+        create_training_state({"net": make_mlp()}, cfg), regression_step, workdir=tmp_path, progress=False
+    )
+    payload = load_checkpoint(tmp_path / "last.pt")
+    assert payload["world_size"] == 1 and isinstance(payload["rng"], list) and len(payload["rng"]) == 1
+    assert torch.equal(payload["rng"][0]["generator"], state.generator.get_state())
+
+    # Rank 1 of 2 restores the second entry: here a generator state advanced by a few draws.
+    other = torch.Generator().manual_seed(cfg.seed)
+    torch.rand(5, generator=other)
+    rank_states = [payload["rng"][0], {**payload["rng"][0], "generator": other.get_state()}]
+    two_ranks = training_checkpoint(state, {}, rank_states)
+    assert two_ranks["world_size"] == 2
+    target = create_training_state({"net": make_mlp(seed=3)}, cfg)
+    restore_training_state(target, two_ranks, rank=1, world_size=2)
+    assert torch.equal(target.generator.get_state(), other.get_state())
+    for world_size in (1, 3):
+        expected = rf"run of 2 process\(es\), this run has {world_size}"
+        with pytest.raises(ResumeMismatchError, match=expected):
+            restore_training_state(target, two_ranks, world_size=world_size)
+
+
+def test_a_single_process_working_checkpoint_of_the_previous_format_still_resumes(tmp_path: Path):
+    cfg = config(steps=6, checkpoint_every=3)
+    straight = run_training(create_training_state({"net": make_mlp()}, cfg), regression_step, progress=False)
+
+    def crashing(state: TrainingState, step: int):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return regression_step(state, step)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(
+            create_training_state({"net": make_mlp()}, cfg), crashing, workdir=tmp_path, progress=False
+        )
+    payload = load_checkpoint(tmp_path / "last.pt")
+    assert payload["step"] == 3
+    # The format before per-rank states: one dict of random states, no world size.
+    payload.update(format="ibmd-training-state/1", rng=payload["rng"][0])
+    del payload["world_size"]
+    save_checkpoint(tmp_path / "last.pt", payload)
+    resumed = run_training(
+        create_training_state({"net": make_mlp(seed=4)}, cfg),
+        regression_step,
+        workdir=tmp_path,
+        progress=False,
+    )
+    a, b = snapshot(straight), snapshot(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

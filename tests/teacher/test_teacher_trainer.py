@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from ibmd_pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
-from ibmd_pipeline.engine.distributed import DistributedConfig, launch_local
+from ibmd_pipeline.engine.distributed import DistributedConfig, WorkerError, launch_local
 from ibmd_pipeline.io.datasets import TorchCheckpointDataset
 from ibmd_pipeline.teacher import (
     FixedValidationBatch,
@@ -198,21 +199,109 @@ def test_bundles_for_another_task_are_refused(sr_bundles, tiny_params):
     assert err.value.key == "task" and "re-run the degrade pipeline" in str(err.value)
 
 
+def _crash_at_training_step(crash_step: int):
+    """A ``bridge_matching_loss`` that raises at training step ``crash_step`` (0-based), like a kill.
+
+    Training calls pass ``generator=``; the validation loss passes fixed ``t``/``noise`` and is
+    not counted.
+    """
+    original = trainer_module.bridge_matching_loss
+    calls = []
+
+    def loss(*args, **kwargs):
+        if "generator" in kwargs:
+            calls.append(None)
+            if len(calls) == crash_step + 1:
+                raise RuntimeError(f"simulated crash at step {crash_step}")
+        return original(*args, **kwargs)
+
+    return loss
+
+
+def _crashing_teacher_worker(config, train_bundle, val_bundle, task, crash_step):
+    """A DDP worker whose every rank dies at the same training step (module level: spawned)."""
+    trainer_module.bridge_matching_loss = _crash_at_training_step(crash_step)
+    return train_teacher_worker(config, train_bundle, val_bundle, task, "cpu", False)
+
+
+def test_compiled_training_matches_eager_and_resumes_with_compile_off(
+    sr_bundles, tiny_params, tmp_path, monkeypatch
+):
+    """torch.compile (aot_eager: traced forward and backward graphs, PyTorch's kernels) computes the
+    same losses; the working checkpoint written while compiled holds the plain state_dict keys and
+    resumes in an uncompiled run, which ends where the eager run ends."""
+
+    def params(workdir, **compile_settings):
+        train = {"steps": 4, "log_every": 1, "checkpoint_every": 2, "compile": compile_settings}
+        return tiny_params(train=train, validation={"every": 0}, workdir=str(workdir))
+
+    eager, eager_history = train(params(tmp_path / "eager", enabled=False), sr_bundles)
+    monkeypatch.setattr(trainer_module, "bridge_matching_loss", _crash_at_training_step(2))
+    graphs = counters["stats"]["unique_graphs"]
+    with pytest.raises(RuntimeError, match="simulated crash at step 2"):
+        train(params(tmp_path / "compiled", enabled=True, backend="aot_eager"), sr_bundles)
+    monkeypatch.undo()
+    assert counters["stats"]["unique_graphs"] > graphs  # the network really ran compiled
+
+    (folder,) = (tmp_path / "compiled").glob("run-*")
+    assert [p.name for p in folder.iterdir()] == ["last.pt"]  # compile does not change the run folder
+    assert folder.name == next((tmp_path / "eager").glob("run-*")).name
+    working = load_checkpoint(folder / "last.pt")
+    assert working["step"] == 2
+    assert list(working["models"]["model"]) == list(eager["models"]["model"])  # no _orig_mod. prefix
+    assert list(working["ema"]["model"]["shadow"]) == list(eager["ema"]["model"])
+    compiled_losses = [record["loss"] for record in working["history"]]
+    assert compiled_losses == pytest.approx([r["loss"] for r in eager_history[:2]], rel=1e-5)
+
+    resumed, resumed_history = train(params(tmp_path / "compiled", enabled=False), sr_bundles)
+    assert resumed["step"] == 4
+    assert [r["loss"] for r in resumed_history] == pytest.approx([r["loss"] for r in eager_history], rel=1e-4)
+    for key, value in eager["models"]["model"].items():
+        torch.testing.assert_close(resumed["models"]["model"][key], value, rtol=0, atol=1e-5, msg=key)
+
+
 @pytest.mark.slow
-def test_two_gloo_processes_train_one_teacher(sr_bundles, tmp_path, tiny_params):
-    params = tiny_params(train={"steps": 4, "batch_size": 4, "checkpoint_every": 2}, workdir=str(tmp_path))
-    config = parse_teacher_config({**params, "distributed": {"nproc_per_node": 2}}, seed=0)
+def test_two_gloo_processes_train_one_teacher_write_one_checkpoint_and_resume_exactly(
+    sr_bundles, tiny_params, tmp_path
+):
+    def config_in(workdir):
+        params = tiny_params(train={"steps": 4, "batch_size": 4, "checkpoint_every": 2}, workdir=str(workdir))
+        return parse_teacher_config({**params, "distributed": {"nproc_per_node": 2}}, seed=0)
+
+    launch = DistributedConfig(nproc_per_node=2, timeout_s=120)
+    task = {"kind": "sr4x_pool"}
+    config = config_in(tmp_path / "straight")
     checkpoint, history = launch_local(
-        train_teacher_worker,
-        2,
-        args=(config, *sr_bundles, {"kind": "sr4x_pool"}, "cpu", False),
-        config=DistributedConfig(nproc_per_node=2, timeout_s=120),
+        train_teacher_worker, 2, args=(config, *sr_bundles, task, "cpu", False), config=launch
     )
     assert checkpoint["step"] == 4 and history[-1]["step"] == 4 and "val_loss" in history[-1]
-    (run_folder,) = tmp_path.glob("run-*")
-    assert (run_folder / "last.pt").is_file() and (run_folder / "rank1" / "last.pt").is_file()
-    # Both ranks ended with the same weights (DDP averaged the gradients).
-    rank1 = load_checkpoint(run_folder / "rank1" / "last.pt")["models"]["model"]
-    assert all(torch.equal(rank1[k], v) for k, v in checkpoint["models"]["model"].items())
+    # Exactly one working checkpoint for the two ranks, written by rank 0 ...
+    (run_folder,) = (tmp_path / "straight").glob("run-*")
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "straight").rglob("*") if p.is_file()) == [
+        (run_folder / "last.pt").relative_to(tmp_path)
+    ]
+    working = load_checkpoint(run_folder / "last.pt")
+    assert working["world_size"] == 2 and len(working["rng"]) == 2
+    # ... holding each rank's own random streams (the ranks draw different times and noise).
+    assert not torch.equal(working["rng"][0]["generator"], working["rng"][1]["generator"])
+    final = checkpoint["models"]["model"]
+    assert all(torch.equal(working["models"]["model"][k], v) for k, v in final.items())
     teacher = teacher_from_checkpoint(checkpoint, task_kind="sr4x_pool")
     assert teacher.config["teacher"]["distributed"]["nproc_per_node"] == 2
+
+    # Killed at step 3 on both ranks after the step-2 checkpoint, then restarted: every rank
+    # reads the one file, restores its own streams, and the run ends bit for bit where the
+    # uninterrupted one did.
+    crashed = config_in(tmp_path / "crashed")
+    with pytest.raises(WorkerError, match="simulated crash at step 3"):
+        launch_local(_crashing_teacher_worker, 2, args=(crashed, *sr_bundles, task, 3), config=launch)
+    (crashed_folder,) = (tmp_path / "crashed").glob("run-*")
+    assert [p.name for p in crashed_folder.iterdir()] == ["last.pt"]
+    assert load_checkpoint(crashed_folder / "last.pt")["step"] == 2
+    resumed, resumed_history = launch_local(
+        train_teacher_worker, 2, args=(crashed, *sr_bundles, task, "cpu", False), config=launch
+    )
+    for group in ("models", "ema"):
+        for key, value in checkpoint[group]["model"].items():
+            assert torch.equal(resumed[group]["model"][key], value), (group, key)
+    assert comparable(resumed_history) == comparable(history)

@@ -27,7 +27,14 @@ function of the seed and the world size only, and resuming from the working chec
 Distributed (``distill.distributed.nproc_per_node > 1`` or a torchrun/srun launch): the
 generator and the auxiliary model are each wrapped in DDP and called through the wrapper
 only in the forward pass whose backward updates them; the teacher, and the auxiliary model
-inside the generator loss, are called as plain modules (``engine.distributed`` rules).
+inside the generator loss, are called as plain modules (``engine.distributed`` rules). Rank 0
+alone writes the run's one working checkpoint; every rank resumes from it.
+
+Devices: the three UNets run in ``channels_last`` on CUDA (``engine.devices.place_module``);
+with ``train.compile.enabled`` the teacher, generator and auxiliary networks are compiled in
+place once every copy of them exists, before the DDP wrappers are built. The corrupted
+training images stay in host memory, pinned on CUDA, and each batch is gathered into pinned
+memory and copied asynchronously (``engine.devices.gather_to_device``).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import hashlib
 import logging
 import math
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +57,15 @@ from ibmd_pipeline.distill.generator import BridgeGenerator
 from ibmd_pipeline.distill.ibmd import ibmd_auxiliary_loss, ibmd_generator_loss
 from ibmd_pipeline.distill.validation import DistillValidator
 from ibmd_pipeline.engine.config import config_to_dict
-from ibmd_pipeline.engine.devices import autocast_context, describe_device, select_device
+from ibmd_pipeline.engine.devices import (
+    autocast_context,
+    compile_module,
+    describe_device,
+    gather_to_device,
+    place_module,
+    select_device,
+    stage_on_host,
+)
 from ibmd_pipeline.engine.distributed import (
     DistContext,
     all_reduce_mean,
@@ -77,9 +92,11 @@ from ibmd_pipeline.teacher.model import LoadedTeacher, teacher_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistillRun", "build_distill_run", "distill_student", "split_held_out"]
+__all__ = ["DistillRun", "SnapshotFn", "build_distill_run", "distill_student", "split_held_out"]
 
 MASK_TASKS = ("inpaint_center",)
+#: ``on_snapshot(updates, student_checkpoint)``: called after generator update ``updates``.
+SnapshotFn = Callable[[int, dict[str, Any]], None]
 
 
 def split_held_out(
@@ -143,7 +160,7 @@ class DistillRun:
     state: TrainingState
     resolved: ResolvedDistill
     config: DistillConfig
-    train_xT: Tensor
+    train_xT: Tensor  # host memory, float32 (pinned on CUDA)
     train_mask: Tensor | None
     val_xT: Tensor
     val_mask: Tensor | None
@@ -176,8 +193,8 @@ class DistillRun:
         indices = epoch_batch_indices(len(self.train_xT), global_batch, index, seed)
         indices = split_global_batch(indices, self.ctx)
         device = self.ctx.device
-        xT = self.train_xT[indices].to(device, torch.float32)
-        mask = None if self.train_mask is None else self.train_mask[indices].to(device, torch.float32)
+        xT = gather_to_device(self.train_xT, indices, device)
+        mask = None if self.train_mask is None else gather_to_device(self.train_mask, indices, device)
         shape = tuple(xT.shape)
         if mask is not None:
             xT = xT * (1.0 - mask) + self._normal(shape, global_batch) * mask
@@ -318,10 +335,16 @@ def build_distill_run(
         image_size=int(corrupted.shape[-1]),
         channels=int(corrupted.shape[1]),
     )
+    # The device's memory format before any copy is made: generator and auxiliary inherit it.
+    place_module(teacher.predictor.net, ctx.device)
     resolved = resolve_distill(
         config, bridge_kind=teacher.bridge.kind, conditional=teacher.conditional, inpainting=mask is not None
     )
     train_xT, train_mask, val_xT, val_mask = split_held_out(corrupted, mask, config.validation.batch_size)
+    # Batches are gathered from host memory every update: float32 once, pinned once on CUDA.
+    train_xT = stage_on_host(train_xT.to("cpu", torch.float32).contiguous(), ctx.device)
+    if train_mask is not None:
+        train_mask = stage_on_host(train_mask.to("cpu", torch.float32).contiguous(), ctx.device)
 
     generator = BridgeGenerator.from_teacher(
         teacher.predictor, nfe=resolved.student_nfe, noise=resolved.noise
@@ -335,6 +358,10 @@ def build_distill_run(
         ema=["generator"],
         lr={"generator": resolved.lr_generator, "aux": resolved.lr_aux},
     )
+    # In place, once every copy exists (EMA, generator and auxiliary copies of the teacher)
+    # and before DistillRun builds the DDP wrappers around the generator and auxiliary model.
+    for net in (teacher.predictor.net, generator.predictor.net, aux_net):
+        compile_module(net, resolved.train.compile)
     ema_shadow = state.emas["generator"].shadow
     ema_generator = BridgeGenerator(
         X0Predictor(ema_shadow, teacher.schedule, conditional=teacher.conditional),
@@ -401,6 +428,8 @@ def _train(
     mask: Tensor | None,
     task_kind: str | None,
     progress: bool,
+    snapshot_steps: Sequence[int] = (),
+    on_snapshot: SnapshotFn | None = None,
 ) -> dict[str, Any]:
     """Build and run the distillation on this rank; returns the student checkpoint (equal on all ranks)."""
     run = build_distill_run(ctx, corrupted, teacher_checkpoint, config, mask=mask, task_kind=task_kind)
@@ -418,14 +447,27 @@ def _train(
     workdir = None
     if config.workdir is not None:
         workdir = Path(config.workdir) / run_folder_name(run.run_config, config_to_dict(resolved.train))
+    step_fn = run.step
+    if on_snapshot is not None and snapshot_steps:
+        wanted = frozenset(snapshot_steps)
+
+        def step_fn(state: TrainingState, step: int) -> dict[str, float]:
+            losses = run.step(state, step)
+            if step + 1 in wanted:  # the loop counts this update only after step_fn returns
+                snapshot = export_checkpoint(state, run.student_config, extra={"kind": "student"})
+                snapshot["step"] = step + 1
+                on_snapshot(step + 1, snapshot)
+            return losses
+
     run_training(
         run.state,
-        run.step,
+        step_fn,
         workdir=workdir,
         run_config=run.run_config,
         progress_desc=f"IBMD (NFE {resolved.student_nfe})",
         on_sample=run.on_sample if run.validator is not None else None,
         progress=progress and ctx.is_main,
+        ctx=ctx,
     )
     if initial:
         run.state.history.insert(0, initial)
@@ -458,6 +500,8 @@ def distill_student(
     task_kind: str | None = None,
     device: str = "auto",
     progress: bool = True,
+    snapshot_steps: Sequence[int] = (),
+    on_snapshot: SnapshotFn | None = None,
 ) -> dict[str, Any]:
     """Distil the teacher in ``teacher_checkpoint`` into a student with IBMD; returns its checkpoint.
 
@@ -467,12 +511,21 @@ def distill_student(
     mask: ``(N, 1, H, W)``, 1 = missing pixel, for inpainting.
     task_kind: checked against the teacher's task and the presence of ``mask`` when given.
     device: ``auto``/``cpu``/``cuda``/``cuda:N`` (``engine.device``).
+    snapshot_steps, on_snapshot: after each listed generator update (each in ``[1, train.steps]``)
+        ``on_snapshot(updates, checkpoint)`` receives a student checkpoint of the run so far
+        (CPU copies, loadable with ``student_from_checkpoint``), e.g. to score quality against
+        training length from one run. Updates restored from a working checkpoint are not
+        re-run, so they give no snapshot. Single-process runs only.
 
     With ``config.distributed.nproc_per_node > 1`` the run spawns that many local processes;
     under torchrun/srun this process joins the launcher's group. The returned dict is the
     student checkpoint described in :mod:`ibmd_pipeline.distill.student`.
     """
     nproc = config.distributed.nproc_per_node
+    if snapshot_steps or on_snapshot is not None:
+        _check_snapshots(snapshot_steps, on_snapshot, config.train.steps)
+        if nproc > 1 or read_launch_environment() is not None:
+            raise ValueError("snapshots (snapshot_steps / on_snapshot) need a single-process run")
     if nproc > 1:
         result = launch_local(
             _distill_worker,
@@ -484,5 +537,19 @@ def distill_student(
         result = _distill_worker(corrupted, teacher_checkpoint, config, mask, task_kind, device, progress)
     else:
         ctx = DistContext.single_process(select_device(device))
-        result = _train(ctx, corrupted, teacher_checkpoint, config, mask, task_kind, progress)
+        result = _train(
+            ctx, corrupted, teacher_checkpoint, config, mask, task_kind, progress, snapshot_steps, on_snapshot
+        )
     return result
+
+
+def _check_snapshots(snapshot_steps: Sequence[int], on_snapshot: SnapshotFn | None, steps: int) -> None:
+    if on_snapshot is None or not snapshot_steps:
+        raise ValueError("snapshot_steps and on_snapshot go together: give both or neither")
+    outside = [
+        n for n in snapshot_steps if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= steps
+    ]
+    if outside:
+        raise ValueError(
+            f"snapshot_steps {outside} are not generator update counts in [1, train.steps={steps}]"
+        )

@@ -1,7 +1,10 @@
-"""Devices and CPU threads: the one place that decides where tensors live.
+"""Devices, CPU threads and how networks run there: the one place that decides where tensors live.
 
 Nothing here runs at import time; callers pick the device once (``engine.device`` in
-``conf/base/parameters.yml``) and pass it down. Defaults are one CPU process.
+``conf/base/parameters.yml``) and pass it down. Defaults are one CPU process. Both trainers
+place networks (:func:`place_module`: device and memory format), copy batches from host
+memory (:func:`stage_on_host`, :func:`gather_to_device`) and compile
+(:func:`compile_module`) only through the helpers here, so each decision is made once.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ import contextlib
 import os
 import platform
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from torch import Tensor, nn
 
-from ibmd_pipeline.engine.config import ConfigError
+from ibmd_pipeline.engine.config import ConfigError, require
 
 _DEVICE_KEY = "engine.device"
 _ALLOWED = "'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"
@@ -113,3 +119,140 @@ def autocast_context(
     if bf16 and (device.type == "cuda" or (device.type == "cpu" and allow_cpu)):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- memory format
+
+
+def uses_channels_last(device: torch.device | str) -> bool:
+    """Whether networks on ``device`` run in ``channels_last`` (NHWC) memory format: CUDA only.
+
+    On CUDA, cuDNN's NHWC convolution kernels are the ones that use tensor cores under bf16
+    autocast. On the CPU the UNet was measured slower in NHWC (``networks/unet.py``), so the
+    default contiguous (NCHW) format stays there.
+    """
+    return torch.device(device).type == "cuda"
+
+
+def place_module(
+    module: nn.Module, device: torch.device | str, *, channels_last: bool | None = None
+) -> nn.Module:
+    """Move ``module`` to ``device`` in place and give its 4-d weights the device's memory format.
+
+    channels_last: None = :func:`uses_channels_last` decides; True/False force it (tests,
+    measurements). Convolutions pick NHWC when their weight is NHWC, so inputs need no
+    conversion: the first convolution's output is NHWC and the format follows through the
+    network. State dicts keep their keys and values (only the strides differ), so weights load
+    into a model of either format. Returns ``module``.
+    """
+    device = torch.device(device)
+    module.to(device)
+    if uses_channels_last(device) if channels_last is None else channels_last:
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+# --------------------------------------------------------------------------- host -> device
+
+
+def pins_host_memory(device: torch.device | str) -> bool:
+    """Whether host tensors that feed ``device`` are kept in pinned (page-locked) memory: CUDA only.
+
+    Pinned memory lets the copy to the GPU run as an asynchronous DMA (``non_blocking=True``)
+    instead of a synchronous copy through a driver staging buffer; for the CPU there is nothing
+    to copy.
+    """
+    return torch.device(device).type == "cuda"
+
+
+def stage_on_host(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """``tensor`` (on the CPU) ready for repeated batch copies to ``device``.
+
+    Pinned once, as a copy, when :func:`pins_host_memory` says so; otherwise ``tensor`` itself
+    (nothing is copied or changed on the CPU).
+    """
+    if tensor.device.type != "cpu":
+        raise ValueError(f"stage_on_host takes a CPU tensor, got one on {tensor.device}")
+    if pins_host_memory(device) and not tensor.is_pinned():
+        return tensor.pin_memory()
+    return tensor
+
+
+def gather_to_device(source: Tensor, indices: Tensor, device: torch.device | str) -> Tensor:
+    """Rows ``indices`` (dim 0) of the host tensor ``source`` as a tensor on ``device``.
+
+    For a pinned ``source`` (:func:`stage_on_host` on CUDA) the rows are gathered into a fresh
+    pinned buffer and copied with ``non_blocking=True``: the copy overlaps with the GPU work
+    queued before it, and torch's caching host allocator does not hand the buffer out again
+    until the copy that reads it has finished, so no synchronisation is needed here.
+    Otherwise this is ``source[indices].to(device)``.
+    """
+    device = torch.device(device)
+    if pins_host_memory(device) and source.is_pinned():
+        batch = torch.empty(
+            (indices.numel(), *source.shape[1:]), dtype=source.dtype, pin_memory=True
+        )
+        torch.index_select(source, 0, indices.to("cpu"), out=batch)
+        return batch.to(device, non_blocking=True)
+    return source[indices].to(device)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+#: ``torch.compile`` modes (inductor only) and the backends a training config may name.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """``torch.compile`` of the networks in the training forward passes (``<stage>.train.compile``).
+
+    enabled: compile (off by default: compiling takes minutes on a GPU and pays off on long
+        runs only; on the CPU inductor needs a C++ compiler).
+    mode: inductor's ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune`` or
+        ``max-autotune-no-cudagraphs``; other backends take ``default`` only.
+    backend: ``inductor`` (generated kernels), or ``aot_eager`` / ``eager``, which trace the
+        network but run PyTorch's own kernels (for tests and for debugging a compile problem).
+
+    Compilation does not change what is computed (beyond floating-point rounding), so it is
+    a resume-neutral setting: a run may be resumed with compile switched on or off.
+    """
+
+    enabled: bool = False
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+
+    def validate(self, key: str) -> None:
+        prefix = f"{key}." if key else ""
+        require(
+            self.mode == "default" or self.backend == "inductor",
+            f"{prefix}mode",
+            f"mode {self.mode!r} is an inductor mode, but backend is {self.backend!r}; use mode "
+            f"'default' with backends {', '.join(repr(b) for b in COMPILE_BACKENDS if b != 'inductor')}",
+        )
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` or one of its submodules was compiled in place (:func:`compile_module`)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+
+
+def compile_module(module: nn.Module, config: CompileConfig) -> nn.Module:
+    """Compile ``module`` in place (``nn.Module.compile``) when ``config.enabled``; returns it.
+
+    In place, not ``torch.compile(module)``: the module keeps its class, parameters and
+    ``state_dict`` keys (no ``_orig_mod.`` prefixes), so checkpoints, EMA updates and
+    ``load_state_dict`` see the plain network and load into uncompiled models. Call it after
+    :func:`place_module` (device and memory format are part of what is compiled) and after
+    every deep copy of the module (EMA shadows, generator and auxiliary copies: a copy of a
+    compiled module would call the original), and *before* wrapping it in DDP, which is how
+    PyTorch recommends combining the two (compile the inner module, DDP around it). Each
+    module keeps its own recompilation budget, so the several networks of a run do not
+    exhaust one shared limit and fall back to eager.
+    """
+    if not config.enabled:
+        return module
+    options = {"mode": config.mode} if config.backend == "inductor" else {}
+    module.compile(backend=config.backend, isolate_recompiles=True, **options)
+    return module

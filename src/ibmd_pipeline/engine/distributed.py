@@ -504,6 +504,30 @@ def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
     return holder[0]
 
 
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's picklable ``obj``, entry ``r`` from rank ``r``, on every rank (``[obj]`` alone).
+
+    For small per-rank values such as random-generator states, e.g. so that rank 0 can store
+    them all in one checkpoint. Tensors come back on the CPU.
+    """
+    if not ctx.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    # all_gather rather than gather: it works on every backend (NCCL included).
+    dist.all_gather_object(gathered, obj)
+    return [_to_cpu(value) for value in gathered]
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, Mapping):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 def barrier(ctx: DistContext) -> None:
     """Wait until every rank gets here (no-op in one process)."""
     if not ctx.distributed:

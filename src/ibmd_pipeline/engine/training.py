@@ -16,6 +16,12 @@ overwriting the last good checkpoint. Resuming after a crash reproduces the unin
 exactly on the CPU: parameters, optimizer moments, EMAs, the step counter and every random
 state (Python, NumPy, torch global and CUDA, and the state's own generators) are saved.
 
+With several data-parallel ranks (``ctx``), exactly one working checkpoint exists: rank 0
+writes it, holding every rank's random states (gathered at each save, entry ``r`` for rank
+``r``), and on resume every rank reads that one file and restores its own streams. A file
+written by another number of ranks is refused (:class:`ResumeMismatchError`): rank ``r``'s
+streams have no counterpart then.
+
 The learning rate is a pure function of the loop step (:func:`lr_factor`), not of how many
 times an optimizer stepped, so optimizers that update several times per step (IBMD's
 auxiliary model) follow the same schedule and nothing about it needs checkpointing.
@@ -38,21 +44,26 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ibmd_pipeline.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ibmd_pipeline.engine.config import config_to_dict, require
-from ibmd_pipeline.engine.devices import autocast_context
+from ibmd_pipeline.engine.devices import CompileConfig, autocast_context, is_compiled, place_module
+from ibmd_pipeline.engine.distributed import DistContext, barrier, broadcast_object, gather_objects
 
 logger = logging.getLogger(__name__)
 
 #: Name of the working checkpoint inside a run's ``workdir``.
 WORKING_CHECKPOINT = "last.pt"
-#: Settings that change how a run is watched or saved, not what it computes: a working
+#: Settings that change how a run is watched, saved or executed, not what it computes: a working
 #: checkpoint may be resumed when only these differ (matched by the last part of the key).
-RESUME_NEUTRAL_KEYS: tuple[str, ...] = ("resume", "log_every", "checkpoint_every", "sample_every")
-_FORMAT = "ibmd-training-state/1"
+RESUME_NEUTRAL_KEYS: tuple[str, ...] = ("resume", "log_every", "checkpoint_every", "sample_every", "compile")
+#: /2: ``rng`` is a list of per-rank random states and ``world_size`` says how many ranks wrote
+#: it; /1 files (one process, ``rng`` a single dict) are still read.
+_FORMAT = "ibmd-training-state/2"
+_READABLE_FORMATS = ("ibmd-training-state/1", _FORMAT)
 
 
 @dataclass(frozen=True)
@@ -77,9 +88,12 @@ class TrainConfig:
     skip_nonfinite: skip (and count) a step whose loss or gradient is NaN/inf instead of
         stopping; more than ``max_skipped`` skips in a run stop it.
     max_skipped: the most skipped steps tolerated when ``skip_nonfinite`` is set.
-    seed: seeds Python, NumPy and torch and the state's generators at the start of a run.
+    seed: seeds Python, NumPy and torch and the state's generators at the start of a run
+        (unless the trainer gives this process its own stream seed, ``TrainingState.stream_seed``).
     resume: continue from ``workdir/last.pt`` when present (and built by the same run
         configuration); false starts afresh and overwrites it.
+    compile: ``torch.compile`` of the trained networks (:class:`~ibmd_pipeline.engine.devices.
+        CompileConfig`); applied by the trainers, resume-neutral.
     """
 
     steps: int = 1000
@@ -100,6 +114,7 @@ class TrainConfig:
     max_skipped: int = 10
     seed: int = 0
     resume: bool = True
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
     def validate(self, key: str) -> None:
         prefix = f"{key}." if key else ""
@@ -189,6 +204,9 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        if is_compiled(model):
+            # A deep copy of an in-place compiled module would still call the original's code.
+            raise ValueError("create the EMA before compiling the model (engine.devices.compile_module)")
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
@@ -262,6 +280,16 @@ class TrainingState:
     #: values logged since the last history record (checkpointed, so a resumed run's
     #: records equal the uninterrupted run's)
     log_window: dict[str, list[float]] = field(default_factory=dict)
+    #: seed of this process's random streams (global generators, ``generator``,
+    #: ``device_generator``); None = ``config.seed``. A data-parallel trainer whose ranks draw
+    #: their own noise gives each rank its own while ``config`` (compared on resume) stays the
+    #: run's.
+    stream_seed: int | None = None
+
+    @property
+    def seed(self) -> int:
+        """The seed of this process's random streams."""
+        return self.config.seed if self.stream_seed is None else self.stream_seed
 
 
 def create_training_state(
@@ -271,18 +299,24 @@ def create_training_state(
     device: torch.device | str = "cpu",
     ema: Iterable[str] | None = None,
     lr: Mapping[str, float] | None = None,
+    stream_seed: int | None = None,
 ) -> TrainingState:
-    """Move ``models`` to ``device`` and give each an AdamW (and an EMA if named in ``ema``).
+    """Place ``models`` on ``device`` and give each an AdamW (and an EMA if named in ``ema``).
 
+    Placement is :func:`~ibmd_pipeline.engine.devices.place_module` (``channels_last`` on
+    CUDA); the EMA shadows are copies of the placed models. Compile the models
+    (``config.compile``) only after this, since the EMA copies must stay uncompiled.
     ema: names of the models that keep an EMA; default all of them.
     lr: per-model peak learning rates overriding ``config.lr``.
+    stream_seed: seed of this process's random streams instead of ``config.seed`` (e.g.
+        ``engine.distributed.seed_for_rank``); see :attr:`TrainingState.stream_seed`.
     Only parameters with ``requires_grad`` are optimised.
     """
     device = torch.device(device)
     unknown = sorted((set(ema or ()) | set(lr or {})) - set(models))
     if unknown:
         raise ValueError(f"unknown model name(s) {unknown}; models: {sorted(models)}")
-    moved = {name: model.to(device).train() for name, model in models.items()}
+    moved = {name: place_module(model, device).train() for name, model in models.items()}
     optimizers: dict[str, torch.optim.Optimizer] = {}
     for name, model in moved.items():
         params = [p for p in model.parameters() if p.requires_grad]
@@ -295,9 +329,10 @@ def create_training_state(
         optimizers[name] = optimizer
     ema_names = list(moved) if ema is None else list(ema)
     emas = {name: EMA(moved[name], config.ema_decay, config.ema_warmup) for name in ema_names}
-    generator = torch.Generator().manual_seed(config.seed)
+    seed = config.seed if stream_seed is None else stream_seed
+    generator = torch.Generator().manual_seed(seed)
     device_generator = (
-        generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(config.seed + 1)
+        generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed + 1)
     )
     return TrainingState(
         models=moved,
@@ -307,6 +342,7 @@ def create_training_state(
         generator=generator,
         device_generator=device_generator,
         config=config,
+        stream_seed=stream_seed,
     )
 
 
@@ -443,8 +479,17 @@ def _restore_rng_states(state: TrainingState, states: Mapping[str, Any]) -> None
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def training_checkpoint(state: TrainingState, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The working checkpoint: everything needed to continue the run bit for bit."""
+def training_checkpoint(
+    state: TrainingState,
+    run_config: Mapping[str, Any],
+    rank_rng_states: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The working checkpoint: everything needed to continue the run bit for bit.
+
+    rank_rng_states: every rank's random states, entry ``r`` for rank ``r`` (gathered by
+        :func:`run_training`); default: this process's alone, a world of one.
+    """
+    rng = [dict(s) for s in rank_rng_states] if rank_rng_states is not None else [_rng_states(state)]
     return {
         "format": _FORMAT,
         "run_config": dict(run_config),
@@ -456,17 +501,35 @@ def training_checkpoint(state: TrainingState, run_config: Mapping[str, Any]) -> 
         "models": {name: model.state_dict() for name, model in state.models.items()},
         "ema": {name: ema.state_dict() for name, ema in state.emas.items()},
         "optimizers": {name: opt.state_dict() for name, opt in state.optimizers.items()},
-        "rng": _rng_states(state),
+        "world_size": len(rng),
+        "rng": rng,
     }
 
 
 def restore_training_state(
-    state: TrainingState, payload: Mapping[str, Any], source: str = "checkpoint"
+    state: TrainingState,
+    payload: Mapping[str, Any],
+    source: str = "checkpoint",
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> None:
-    """Load a :func:`training_checkpoint` payload into ``state`` (built the same way)."""
-    if payload.get("format") != _FORMAT:
+    """Load a :func:`training_checkpoint` payload into ``state`` (built the same way).
+
+    rank / world_size: this process's place in the run; it restores the random states saved
+    for its rank. Raises :class:`ResumeMismatchError` when the payload was written by another
+    number of ranks.
+    """
+    if payload.get("format") not in _READABLE_FORMATS:
         raise CheckpointError(
             f"{source} is not a working training checkpoint (format {payload.get('format')!r})"
+        )
+    rank_rng = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]
+    if len(rank_rng) != world_size:
+        raise ResumeMismatchError(
+            f"{source} was written by a run of {len(rank_rng)} process(es), this run has {world_size}: "
+            "each rank's random streams are saved for its own rank and have no counterpart in another "
+            f"world size. Resume with {len(rank_rng)} process(es), or delete the file to start afresh."
         )
     for group, own in (("models", state.models), ("optimizers", state.optimizers), ("ema", state.emas)):
         if set(payload[group]) != set(own):
@@ -485,7 +548,7 @@ def restore_training_state(
     state.skipped = int(payload["skipped"])
     state.history = [dict(record) for record in payload["history"]]
     state.log_window = {key: list(values) for key, values in payload["log_window"].items()}
-    _restore_rng_states(state, payload["rng"])
+    _restore_rng_states(state, rank_rng[rank])
 
 
 def config_differences(stored: Any, current: Any, prefix: str = "", ignore: Sequence[str] = ()) -> list[str]:
@@ -527,10 +590,42 @@ def _check_params_finite(state: TrainingState) -> None:
                 raise NonFiniteLossError(state.step, f"{label} ({pname})", float("nan"))
 
 
-def _save_working(state: TrainingState, run_config: Mapping[str, Any], path: Path) -> None:
+def _save_working(state: TrainingState, run_config: Mapping[str, Any], path: Path, ctx: DistContext) -> None:
+    """Rank 0 writes the one working checkpoint, with every rank's random states in it.
+
+    Collective: every rank calls it at the same step. Every rank checks its (identical, under
+    DDP) weights first, so a bad value stops all ranks together; rank 0 then tells the others
+    whether the write succeeded, so a failed write fails every rank instead of leaving them
+    waiting, and no rank runs ahead of a checkpoint that is not on disk yet.
+    """
     # Never replace a good checkpoint with weights that already went bad.
     _check_params_finite(state)
-    save_checkpoint(path, training_checkpoint(state, run_config))
+    rank_rng = gather_objects(_rng_states(state), ctx)
+    failure: Exception | None = None
+    if ctx.is_main:
+        try:
+            save_checkpoint(path, training_checkpoint(state, run_config, rank_rng))
+        except Exception as err:  # reported to the other ranks below, then raised here
+            failure = err
+    message = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}", ctx)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise CheckpointError(f"rank 0 could not write the working checkpoint '{path}': {message}")
+
+
+def _check_ranks_agree(state: TrainingState, ctx: DistContext, path: Path | None) -> None:
+    """Fail on every rank (instead of hanging) when the ranks start from different steps."""
+    if not ctx.distributed:
+        return
+    steps = torch.tensor([state.step, -state.step], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    if steps[0] != -steps[1]:
+        raise ResumeMismatchError(
+            f"the ranks start from different steps ({int(-steps[1])} to {int(steps[0])}): they do not "
+            f"all see the working checkpoint '{path}'; put the workdir on a file system that every "
+            "node mounts"
+        )
 
 
 # --------------------------------------------------------------------------- the loop
@@ -548,6 +643,7 @@ def run_training(
     on_log: Callable[[TrainingState, dict[str, float]], None] | None = None,
     on_sample: Callable[[TrainingState, int], None] | None = None,
     progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> TrainingState:
     """Run ``step_fn`` until ``state.config.steps`` steps are done; returns ``state``.
 
@@ -559,6 +655,10 @@ def run_training(
         this one, keys in :data:`RESUME_NEUTRAL_KEYS` aside.
     on_log(state, record): after each history record. on_sample(state, step): every
         ``sample_every`` steps (models are put back in train mode after it).
+    ctx: this process's place in a data-parallel run (default: one process). Every rank
+        calls ``run_training`` with the same ``workdir``; only rank 0 writes ``last.pt`` (with
+        all ranks' random states), every rank resumes from it. ``workdir`` must be on a file
+        system every node sees.
 
     A NaN/inf loss or gradient raises :class:`NonFiniteLossError` naming the step and the
     quantity, leaving ``last.pt`` as it was (or, with ``skip_nonfinite``, skips that step's
@@ -566,9 +666,13 @@ def run_training(
     stay applied.
     """
     config = state.config
+    ctx = DistContext.single_process(state.device) if ctx is None else ctx
     run_config = dict(run_config or {})
     path = Path(workdir) / WORKING_CHECKPOINT if workdir is not None else None
 
+    # Nobody reads before every rank got here (a writer of this group, e.g. an earlier run's
+    # rank 0, is done; writes are atomic, so a file is never seen half written).
+    barrier(ctx)
     if path is not None and config.resume and path.is_file():
         payload = load_checkpoint(path)
         differences = config_differences(
@@ -583,14 +687,17 @@ def run_training(
                 f"Delete '{path.parent}' (or that file) to start afresh, or set resume: false "
                 f"to overwrite it."
             )
-        restore_training_state(state, payload, source=f"checkpoint '{path}'")
+        restore_training_state(
+            state, payload, source=f"checkpoint '{path}'", rank=ctx.rank, world_size=ctx.world_size
+        )
         logger.info("resumed from '%s' at step %d of %d", path, state.step, config.steps)
     else:
-        seed_everything(config.seed)
-        state.generator.manual_seed(config.seed)
+        seed_everything(state.seed)
+        state.generator.manual_seed(state.seed)
         if state.device_generator is not state.generator:
-            state.device_generator.manual_seed(config.seed + 1)
+            state.device_generator.manual_seed(state.seed + 1)
         state.step, state.skipped, state.history, state.log_window = 0, 0, [], {}
+    _check_ranks_agree(state, ctx, path)
 
     if state.step >= config.steps:
         return state
@@ -678,12 +785,12 @@ def run_training(
                 and state.step % config.checkpoint_every == 0
                 and state.step < config.steps
             ):
-                _save_working(state, run_config, path)
+                _save_working(state, run_config, path, ctx)
     finally:
         bar.close()
 
     if path is not None:
-        _save_working(state, run_config, path)
+        _save_working(state, run_config, path, ctx)
     return state
 
 
@@ -692,12 +799,16 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """The final artefact: ``{"config", "models", "ema", "step", "history", **extra}``.
 
-    Plain dicts of CPU tensor copies and plain values (``weights_only``-loadable); optimizer
-    and RNG states are left out (they live in the working checkpoint).
+    Plain dicts of contiguous CPU tensor copies (whatever memory format the models trained in)
+    and plain values (``weights_only``-loadable); optimizer and RNG states are left out (they
+    live in the working checkpoint).
     """
 
     def cpu(module: nn.Module) -> dict[str, Tensor]:
-        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        return {
+            k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in module.state_dict().items()
+        }
 
     payload: dict[str, Any] = {
         "config": dict(run_config),

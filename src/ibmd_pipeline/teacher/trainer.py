@@ -11,12 +11,16 @@ Kedro node with ``nproc_per_node = 1``, the tests) and unchanged in every worker
 reads its shard of every global batch, gradients are averaged by DDP, logged losses are
 averaged over ranks, and only rank 0 validates, shows progress and exports. The loop itself
 (AdamW, EMA, clipping, LR warm-up and schedule, NaN guard, atomic resumable working
-checkpoints) is ``engine.training.run_training``.
+checkpoints, one per run however many ranks) is ``engine.training.run_training``.
+
+Devices: the network trains in ``channels_last`` on CUDA (``engine.devices.place_module``) and
+is compiled in place when ``train.compile.enabled`` (after placement and the EMA copy, before
+DDP). The whole training set is copied to the device once, so steps gather their batches on
+the device and make no host-to-device copies.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -26,14 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ibmd_pipeline.bridges.losses import bridge_matching_loss
 from ibmd_pipeline.bridges.schedules import BridgeSchedule, make_schedule
 from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.engine.config import ConfigError, config_to_dict, parse_config
-from ibmd_pipeline.engine.devices import autocast_context, describe_device, select_device
+from ibmd_pipeline.engine.devices import autocast_context, compile_module, describe_device, select_device
 from ibmd_pipeline.engine.distributed import (
     DistContext,
     all_reduce_mean,
@@ -44,9 +47,8 @@ from ibmd_pipeline.engine.distributed import (
 )
 from ibmd_pipeline.engine.training import (
     NonFiniteLossError,
-    config_differences,
-    ResumeMismatchError,
     TrainingState,
+    config_differences,
     create_training_state,
     epoch_batch_indices,
     export_checkpoint,
@@ -286,28 +288,15 @@ class FixedValidationBatch:
 # --------------------------------------------------------------------------- training
 
 
-def _working_dir(workdir: str | None, ctx: DistContext, run_folder: str) -> Path | None:
-    """Rank 0 keeps ``workdir/<run folder>/last.pt``; other ranks keep theirs in ``rank<r>/`` below it.
+def _working_dir(workdir: str | None, run_folder: str) -> Path | None:
+    """``workdir/<run folder>``, the folder of the run's one working checkpoint ``last.pt``.
 
-    One folder per configuration (:func:`run_folder_name`): changing a setting starts afresh
-    instead of failing to resume a run of other settings.
+    Every rank gets the same folder: rank 0 writes ``last.pt`` with all ranks' random states,
+    and every rank resumes from it (``engine.training.run_training``). One folder per
+    configuration (:func:`run_folder_name`): changing a setting starts afresh instead of
+    failing to resume a run of other settings.
     """
-    if workdir is None:
-        return None
-    return Path(workdir) / run_folder if ctx.is_main else Path(workdir) / run_folder / f"rank{ctx.rank}"
-
-
-def _check_ranks_agree(step: int, ctx: DistContext) -> None:
-    """Fail on every rank (instead of hanging) when the ranks resumed from different steps."""
-    if not ctx.distributed:
-        return
-    steps = torch.tensor([step, -step], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-    if steps[0] != -steps[1]:
-        raise ResumeMismatchError(
-            f"the ranks resumed from different steps ({int(-steps[1])} to {int(steps[0])}): a run was "
-            "stopped between the ranks' working checkpoints; delete the teacher workdir to start afresh"
-        )
+    return None if workdir is None else Path(workdir) / run_folder
 
 
 def train_teacher(
@@ -335,8 +324,9 @@ def train_teacher(
     batch) where validated; only rank 0's records carry ``val_loss``.
 
     With ``workdir`` set, a working checkpoint is written every ``train.checkpoint_every``
-    steps and at the end, and an interrupted run re-started with the same settings and data
-    continues from it, bit for bit on the CPU.
+    steps and at the end (by rank 0 only, one file for all ranks), and an interrupted run
+    re-started with the same settings, data and number of processes continues from it, bit for
+    bit on the CPU.
     """
     if ctx is None:
         ctx = DistContext.single_process(select_device(device) if isinstance(device, str) else device)
@@ -369,8 +359,13 @@ def train_teacher(
     seed_everything(config.train.seed)
     net = UNet(resolved.unet)
     # Each rank draws its own times and noise; the data order uses the shared seed.
-    rank_train = dataclasses.replace(config.train, seed=seed_for_rank(config.train.seed, ctx))
-    state = create_training_state({"model": net}, rank_train, device=device)
+    # The run's config stays shared (it is what a resume compares); only the streams differ.
+    state = create_training_state(
+        {"model": net}, config.train, device=device, stream_seed=seed_for_rank(config.train.seed, ctx)
+    )
+    # Compiled in place after placement and the EMA copy, then wrapped: DDP around the compiled
+    # module, as PyTorch recommends; checkpoints keep the plain module's state_dict keys.
+    compile_module(state.models["model"], config.train.compile)
     train_predictor = X0Predictor(wrap_ddp(state.models["model"], ctx), schedule, resolved.conditional)
     ema_predictor = X0Predictor(state.emas["model"].shadow, schedule, resolved.conditional)
 
@@ -380,13 +375,8 @@ def train_teacher(
     x0 = torch.empty((config.train.batch_size, *data.clean.shape[1:]), device=device)
     xT = torch.empty_like(x0)
     mask = None if data.mask is None else torch.empty((x0.shape[0], *data.mask.shape[1:]), device=device)
-    checked_ranks = False
 
     def step_fn(state: TrainingState, step: int) -> dict[str, float]:
-        nonlocal checked_ranks
-        if not checked_ranks:
-            _check_ranks_agree(step, ctx)
-            checked_ranks = True
         indices = epoch_batch_indices(len(data), global_batch, step, config.train.seed)
         indices = split_global_batch(indices, ctx).to(device)
         torch.index_select(data.clean, 0, indices, out=x0)
@@ -434,11 +424,12 @@ def train_teacher(
     run_training(
         state,
         step_fn,
-        workdir=_working_dir(config.workdir, ctx, run_folder_name(run_config, config_to_dict(config.train))),
+        workdir=_working_dir(config.workdir, run_folder_name(run_config, config_to_dict(config.train))),
         run_config=run_config,
         progress_desc=f"teacher ({task_config.kind})",
         on_log=on_log,
         progress=progress and ctx.is_main,
+        ctx=ctx,
     )
     checkpoint = export_checkpoint(state, plan.checkpoint_config(config), extra={"kind": "teacher"})
     return checkpoint, checkpoint["history"]
