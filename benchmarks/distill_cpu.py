@@ -25,9 +25,7 @@ measured alternately in one process, are the robust numbers.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import time
@@ -37,34 +35,26 @@ from typing import Any
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
+from _common import ROOT, latest, measure_memory, measure_speed, memory_ratios  # noqa: E402
 
-from ibmd_pipeline.bridges.losses import bridge_matching_loss  # noqa: E402
-from ibmd_pipeline.distill.config import DistillConfig, parse_distill_config, resolve_distill  # noqa: E402
-from ibmd_pipeline.distill.trainer import build_distill_run, distill_student  # noqa: E402
+from ibmd_pipeline.distill.config import parse_distill_config, resolve_distill  # noqa: E402
+from ibmd_pipeline.distill.trainer import distill_student  # noqa: E402
 from ibmd_pipeline.engine.checkpoint import load_checkpoint  # noqa: E402
-from ibmd_pipeline.engine.devices import autocast_context, describe_device, select_device  # noqa: E402
-from ibmd_pipeline.engine.distributed import DistContext  # noqa: E402
-from ibmd_pipeline.engine.training import set_learning_rates  # noqa: E402
+from ibmd_pipeline.engine.devices import describe_device, select_device  # noqa: E402
 from ibmd_pipeline.io.datasets import TensorBundleDataset  # noqa: E402
-from ibmd_pipeline.teacher.model import teacher_from_checkpoint  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TASK = "sr4x_bicubic"
 
 
-def latest(pattern_dir: Path, name: str) -> Path | None:
-    """``<pattern_dir>/<latest version>/<name>``, or None."""
-    if not pattern_dir.is_dir():
-        return None
-    versions = sorted(p for p in pattern_dir.glob("*") if (p / name).is_file())
-    return versions[-1] / name if versions else None
-
-
-def load_bundle(name: str) -> dict[str, Any]:
+def bundle_path(name: str) -> Path:
     path = latest(ROOT / "data" / "05_model_input" / f"{name}.npz", f"{name}.npz")
     if path is None:
         raise SystemExit(f"no {name} under data/05_model_input: run `kedro run --pipelines=degrade` first")
-    return TensorBundleDataset(filepath=str(path)).load()
+    return path
+
+
+def load_bundle(name: str) -> dict[str, Any]:
+    return TensorBundleDataset(filepath=str(bundle_path(name))).load()
 
 
 def default_distill_config() -> dict[str, Any]:
@@ -86,121 +76,6 @@ def quick_teacher(steps: int, device: str) -> dict[str, Any]:
         config, load_bundle("pairs_train"), load_bundle("pairs_val"), task={"kind": TASK}, device=device
     )
     return checkpoint
-
-
-# ------------------------------------------------------------------------------ timing
-
-
-def make_teacher_step(teacher_checkpoint: dict[str, Any], config: DistillConfig, xT: torch.Tensor, device):
-    """One teacher training step (bridge matching, AdamW, clipping) at the distillation's batch
-    size and precision, on a trainable copy of the teacher."""
-    teacher = teacher_from_checkpoint(teacher_checkpoint, device=device)
-    predictor = teacher.predictor.requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(predictor.parameters(), lr=1e-5)
-    bf16 = config.autocast_bf16(device)
-    batch = config.train.batch_size
-    generator = torch.Generator().manual_seed(0)
-
-    def step() -> None:
-        index = torch.randint(0, len(xT), (batch,), generator=generator)
-        corrupted = xT[index].to(device)
-        target = xT[index.roll(1)].to(device)  # the values do not change the cost
-        with autocast_context(device, bf16, allow_cpu=True):
-            loss = bridge_matching_loss(predictor, target, corrupted, teacher.schedule)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(predictor.parameters(), 1.0)
-        optimizer.step()
-
-    return step
-
-
-def make_ibmd_update(teacher_checkpoint: dict[str, Any], config: DistillConfig, xT: torch.Tensor, device):
-    ctx = DistContext.single_process(device)
-    run = build_distill_run(ctx, xT, teacher_checkpoint, config, task_kind=TASK)
-    set_learning_rates(run.state, 0)
-    counter = iter(range(10**9))
-    return lambda: run.step(run.state, next(counter))
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """Mean (wall, CPU) seconds of ``fn`` over ``repeats`` calls."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(repeats):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - wall) / repeats, (time.process_time() - cpu) / repeats
-
-
-def measure_speed(teacher_checkpoint, config, xT, device, rounds: int) -> dict[str, float]:
-    teacher_step = make_teacher_step(teacher_checkpoint, config, xT, device)
-    ibmd_update = make_ibmd_update(teacher_checkpoint, config, xT, device)
-    teacher_step(), ibmd_update()  # warm-up (allocator, oneDNN kernels)
-    results = {"teacher_wall": [], "teacher_cpu": [], "ibmd_wall": [], "ibmd_cpu": []}
-    for _ in range(rounds):  # alternate, so that load from other processes hits both alike
-        wall, cpu = timed(teacher_step, 4)
-        results["teacher_wall"].append(wall)
-        results["teacher_cpu"].append(cpu)
-        wall, cpu = timed(ibmd_update, 1)
-        results["ibmd_wall"].append(wall)
-        results["ibmd_cpu"].append(cpu)
-    return {key: statistics.median(values) for key, values in results.items()}
-
-
-# ------------------------------------------------------------------------------ memory
-
-
-def _resident_peak(reset: bool = False) -> int:
-    """Peak resident set of this process in bytes (Linux ``VmHWM``); ``reset`` restarts it from
-    the current resident set (``/proc/self/clear_refs``), so setup peaks do not count."""
-    status = Path("/proc/self/status")
-    if not status.is_file():  # not Linux: the lifetime maximum is all there is
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if reset:
-        Path("/proc/self/clear_refs").write_text("5")
-    for line in status.read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _peak_memory_child(kind: str, teacher_path: str, distill: dict, threads: int, device: str, queue) -> None:
-    torch.set_num_threads(threads)
-    device = select_device(device)
-    config = parse_distill_config(distill)
-    teacher_checkpoint = load_checkpoint(teacher_path)
-    xT = load_bundle("corrupted_train")["corrupted"][:1024].clone()
-    make = make_teacher_step if kind == "teacher" else make_ibmd_update
-    fn = make(teacher_checkpoint, config, xT, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        fn()
-        queue.put((before, torch.cuda.max_memory_allocated()))
-        return
-    before = _resident_peak(reset=True)
-    fn()
-    fn()
-    queue.put((before, _resident_peak()))
-
-
-def measure_memory(
-    teacher_path: Path, distill: dict, threads: int, device: str
-) -> dict[str, tuple[int, int]]:
-    context = multiprocessing.get_context("spawn")
-    results = {}
-    for kind in ("teacher", "ibmd"):
-        queue = context.Queue()
-        process = context.Process(
-            target=_peak_memory_child, args=(kind, str(teacher_path), distill, threads, device, queue)
-        )
-        process.start()
-        results[kind] = queue.get()
-        process.join()
-    return results
 
 
 # ------------------------------------------------------------------------------ main
@@ -248,7 +123,7 @@ def main() -> None:
     batch, bf16 = config.train.batch_size, config.autocast_bf16(device)
     print(f"batch {batch}, bf16 autocast {bf16}, {len(xT)} corrupted training images {tuple(xT.shape[1:])}")
 
-    speed = measure_speed(teacher_checkpoint, config, xT, device, args.rounds)
+    speed = measure_speed(teacher_checkpoint, config, xT, device, args.rounds, task_kind=TASK)
     teacher_config = teacher_checkpoint["config"]
     resolved_l = resolve_distill(
         config,
@@ -264,14 +139,16 @@ def main() -> None:
     print(f"| ratio | {speed['ibmd_wall'] / speed['teacher_wall']:.2f}x "
           f"| {speed['ibmd_cpu'] / speed['teacher_cpu']:.2f}x |")
 
-    memory = measure_memory(teacher_path, distill, args.threads, args.device)
+    corrupted_path = bundle_path("corrupted_train")
+    memory = measure_memory(teacher_path, corrupted_path, distill, args.threads, args.device, TASK)
     (t0, t1), (i0, i1) = memory["teacher"], memory["ibmd"]
+    ratios = memory_ratios(memory)
     unit = 2**20
     print("\n| peak memory | after setup | peak | growth |\n|---|---|---|---|")
     print(f"| teacher step | {t0 / unit:.0f} MiB | {t1 / unit:.0f} MiB | {(t1 - t0) / unit:.0f} MiB |")
     print(f"| IBMD update | {i0 / unit:.0f} MiB | {i1 / unit:.0f} MiB | {(i1 - i0) / unit:.0f} MiB |")
-    growth = (i1 - i0) / max(t1 - t0, 1)
-    print(f"| ratio | | {i1 / t1:.2f}x (whole process) | {growth:.2f}x (training memory) |")
+    print(f"| ratio | | {ratios['peak']:.2f}x (whole process) "
+          f"| {ratios['training']:.2f}x (training memory) |")
 
     if args.skip_run:
         return
