@@ -64,7 +64,7 @@ from _common import ROOT, latest, measure_memory, measure_speed, memory_ratios  
 from ibmd_pipeline.distill.config import parse_distill_config, resolve_distill  # noqa: E402
 from ibmd_pipeline.distill.student import student_from_checkpoint  # noqa: E402
 from ibmd_pipeline.distill.trainer import distill_student  # noqa: E402
-from ibmd_pipeline.engine.devices import describe_device, select_device  # noqa: E402
+from ibmd_pipeline.engine.devices import cpu_model, describe_device, select_device  # noqa: E402
 from ibmd_pipeline.evaluation import (  # noqa: E402
     METRICS,
     MetricSuite,
@@ -251,15 +251,6 @@ def prepare_conf(work: Path, data_root: Path, env: str | None = None) -> Path:
 # ------------------------------------------------------------------------------ facts
 
 
-def _cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def _memory_gib() -> float | None:
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
@@ -289,7 +280,7 @@ def hardware(device: torch.device) -> dict[str, Any]:
 
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_available": available,
         "memory_gib": _memory_gib(),

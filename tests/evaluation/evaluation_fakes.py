@@ -138,7 +138,7 @@ TINY = {
     "grid_rows": 3,
     "fid": {"dims": 64, "batch_size": 8},
     "ca": {"classifier": {"channels": [4, 8], "epochs": 2, "batch_size": 16, "lr": 0.01}},
-    "speed": {"batch_size": 2, "repeats": 1, "warmup": 0},
+    "speed": {"batch_size": 2, "repeats": 1, "warmup": 0, "min_seconds": 0.0},
 }
 
 

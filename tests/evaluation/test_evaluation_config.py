@@ -42,6 +42,7 @@ def test_nested_values_are_typed():
         ({"fid": {"reference": "train"}}, "evaluate.fid.reference", "allowed values"),
         ({"ca": {"classifier": {"epochs": 0}}}, "evaluate.ca.classifier.epochs", ">= 1"),
         ({"speed": {"repeats": 0}}, "evaluate.speed.repeats", ">= 1"),
+        ({"speed": {"min_seconds": -1}}, "evaluate.speed.min_seconds", ">= 0"),
         ({"lpips": {"net": "vgg"}}, "evaluate.lpips.net", "allowed keys: enabled"),
         ({"images": 10}, "evaluate.images", "unknown setting"),
     ],

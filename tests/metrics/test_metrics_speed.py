@@ -29,6 +29,23 @@ def test_warmup_is_excluded_and_the_median_ignores_one_slow_repeat():
     assert summary["device"].startswith("cpu (")
 
 
+def test_fast_calls_are_timed_until_min_seconds_of_work():
+    calls = []
+
+    def sample():
+        calls.append(None)
+        time.sleep(0.01)
+
+    result = speed.time_sampling(sample, batch_size=2, repeats=3, warmup=0, min_seconds=0.2)
+    assert len(result.seconds_per_batch) == len(calls)
+    assert sum(result.seconds_per_batch) >= 0.2
+    assert 10 <= len(calls) <= 21  # ~10 ms each: about 20 calls, never stopped at `repeats`
+    capped = speed.time_sampling(sample, batch_size=2, repeats=3, warmup=0, min_seconds=60, max_repeats=5)
+    assert len(capped.seconds_per_batch) == 5
+    slow = speed.time_sampling(lambda: time.sleep(0.05), batch_size=1, repeats=3, min_seconds=0.01)
+    assert len(slow.seconds_per_batch) == 3  # `repeats` alone when they already exceed min_seconds
+
+
 def test_speedup_is_the_ratio_of_seconds_per_image():
     slow = speed.SamplingSpeed(batch_size=2, seconds_per_batch=(4.0, 4.0, 5.0), device="cpu")
     fast = speed.SamplingSpeed(batch_size=8, seconds_per_batch=(1.0, 2.0, 1.0), device="cpu")
@@ -44,3 +61,7 @@ def test_invalid_timing_arguments_are_rejected():
         speed.time_sampling(lambda: None, batch_size=0)
     with pytest.raises(ValueError):
         speed.time_sampling(lambda: None, batch_size=1, repeats=0)
+    with pytest.raises(ValueError):
+        speed.time_sampling(lambda: None, batch_size=1, min_seconds=-1.0)
+    with pytest.raises(ValueError):
+        speed.time_sampling(lambda: None, batch_size=1, repeats=5, max_repeats=4)

@@ -60,7 +60,7 @@ def pipeline_report(seed: int) -> dict[str, Any]:
         {
             "num_images": 8, "teacher_nfe": [1, 2], "batch_size": 4, "grid_rows": 2, "seed": seed,
             "fid": {"enabled": False}, "lpips": {"enabled": False}, "ca": {"enabled": False},
-            "speed": {"batch_size": 2, "repeats": 1, "warmup": 0},
+            "speed": {"batch_size": 2, "repeats": 1, "warmup": 0, "min_seconds": 0.0},
         }
     )
     result = run_evaluation(test, teacher, student, evaluate_config, fid_reference=None, classifier=None,

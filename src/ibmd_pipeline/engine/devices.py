@@ -83,7 +83,8 @@ def configure_threads(num_threads: int = 0, key: str = "engine.num_threads") -> 
     return count
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what :mod:`platform` knows."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
@@ -97,7 +98,7 @@ def describe_device(device: torch.device | str) -> str:
     ``cuda:0 (NVIDIA H100 80GB HBM3, 79.2 GiB)``."""
     device = torch.device(device)
     if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads, {_cpu_model()})"
+        return f"cpu ({torch.get_num_threads()} threads, {cpu_model()})"
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)

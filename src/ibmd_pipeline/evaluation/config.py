@@ -72,17 +72,21 @@ class SpeedSettings:
     """Wall-clock speed of every model/NFE at one batch size.
 
     batch_size: images per timed sampling call (the first test images, repeated if needed).
-    repeats: timed calls; the median is reported. warmup: untimed calls before them.
+    repeats: timed calls at least; the median is reported. warmup: untimed calls before them.
+    min_seconds: timing goes on past ``repeats`` until the timed calls add up to this many
+        seconds, so millisecond one-step calls get a stable median.
     """
 
     batch_size: int = 16
     repeats: int = 3
     warmup: int = 1
+    min_seconds: float = 1.0
 
     def validate(self, key: str) -> None:
         require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.repeats >= 1, f"{key}.repeats", f"must be >= 1, got {self.repeats}")
         require(self.warmup >= 0, f"{key}.warmup", f"must be >= 0, got {self.warmup}")
+        require(self.min_seconds >= 0, f"{key}.min_seconds", f"must be >= 0, got {self.min_seconds}")
 
 
 def _check_nfe_list(values: tuple[int, ...], key: str) -> None:

@@ -201,7 +201,10 @@ def measure_speed(
         with torch.no_grad():
             return run.restore(batch, batch_mask, torch.Generator(device=device).manual_seed(config.seed))
 
-    return time_sampling(once, size, device, repeats=config.speed.repeats, warmup=config.speed.warmup)
+    speed = config.speed
+    return time_sampling(
+        once, size, device, repeats=speed.repeats, warmup=speed.warmup, min_seconds=speed.min_seconds
+    )
 
 
 @dataclass

@@ -9,15 +9,15 @@ device is synchronised before and after each call, so asynchronous kernels are c
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from ibmd_pipeline.engine.devices import cpu_model
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,6 @@ class SamplingSpeed:
         }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_description(device: str | torch.device = "cpu") -> str:
     """A human-readable description of where timings were taken, e.g. ``"cuda:0 (NVIDIA H100)"``."""
     device = torch.device(device)
@@ -68,7 +58,7 @@ def device_description(device: str | torch.device = "cpu") -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     if device.type == "cpu":
-        return f"cpu ({_cpu_name()}, {torch.get_num_threads()} threads)"
+        return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
     return str(device)
 
 
@@ -83,22 +73,28 @@ def time_sampling(
     device: str | torch.device = "cpu",
     repeats: int = 5,
     warmup: int = 1,
+    min_seconds: float = 0.0,
+    max_repeats: int = 1000,
 ) -> SamplingSpeed:
-    """Time ``sample()`` (which produces one batch of ``batch_size`` images) ``repeats`` times.
+    """Time ``sample()`` (which produces one batch of ``batch_size`` images) at least ``repeats`` times.
 
-    ``warmup`` calls run first and are not counted. ``device`` is where ``sample`` computes;
-    on CUDA it is synchronised around every timed call.
+    ``warmup`` calls run first and are not counted. Timing goes on past ``repeats`` until the
+    timed calls add up to ``min_seconds`` (at most ``max_repeats`` calls): a one-step sampler's
+    call lasts milliseconds, and a median of three such calls moves with every scheduler hiccup,
+    which would put noise straight into the speed-up over a 100-step teacher. ``device`` is where
+    ``sample`` computes; on CUDA it is synchronised around every timed call.
     """
-    if batch_size < 1 or repeats < 1 or warmup < 0:
+    if batch_size < 1 or repeats < 1 or warmup < 0 or min_seconds < 0 or max_repeats < repeats:
         raise ValueError(
-            f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}"
+            "need batch_size >= 1, repeats >= 1, warmup >= 0, min_seconds >= 0, max_repeats >= repeats; "
+            f"got {batch_size}, {repeats}, {warmup}, {min_seconds}, {max_repeats}"
         )
     device = torch.device(device)
     for _ in range(warmup):
         sample()
     _synchronize(device)
-    timings = []
-    for _ in range(repeats):
+    timings: list[float] = []
+    while len(timings) < repeats or (sum(timings) < min_seconds and len(timings) < max_repeats):
         start = time.perf_counter()
         sample()
         _synchronize(device)
