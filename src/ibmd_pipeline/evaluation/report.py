@@ -110,8 +110,11 @@ def metrics_table(report: Mapping[str, Any]) -> str:
     if report["weights"].get("lpips"):
         facts.append(f"LPIPS: AlexNet v0.1, weights {report['weights']['lpips']}.")
     speed = report["speed"]
+    calls = f"{speed['repeats']} timed batches"
+    if speed.get("min_seconds"):
+        calls = f"at least {speed['repeats']} timed batches and {speed['min_seconds']:g} s of timed work"
     facts.append(
-        f"Speed: median of {speed['repeats']} timed batches of {speed['batch_size']} after {speed['warmup']} "
+        f"Speed: median of {calls}, batches of {speed['batch_size']}, after {speed['warmup']} "
         f"warm-up call(s) on {speed['device']}. PSNR capped at {report['psnr_cap_db']:g} dB per image."
     )
     versions = report["checkpoints"]

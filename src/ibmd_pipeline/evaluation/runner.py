@@ -27,7 +27,7 @@ The report (``metrics.json``), standard JSON::
      "classifier": {"ceiling", "floor", "reason", "clean_test_accuracy"},
      "corrupted_input": {"fid", "lpips", "ca", "psnr", "ssim"},
      "reasons": {metric: why it is null}, "fid": {"dims", "reference", "reference_images"},
-     "speed": {"batch_size", "repeats", "warmup", "device", "baseline", "seconds_per_batch"},
+     "speed": {"batch_size", "repeats", "min_seconds", "warmup", "device", "baseline", "seconds_per_batch"},
      "psnr_cap_db", "notes": [...], "elapsed_seconds": {"restore", "metrics", "speed", "total"},
      "config": the EvaluateConfig as a dict, "grid_columns": [...]}
 """
@@ -475,6 +475,7 @@ def run_evaluation(
         "speed": {
             "batch_size": config.speed.batch_size,
             "repeats": config.speed.repeats,
+            "min_seconds": config.speed.min_seconds,
             "warmup": config.speed.warmup,
             "device": device_description(device),
             "baseline": f"teacher@{_speed_baseline(config.teacher_nfe)}",
