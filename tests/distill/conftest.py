@@ -14,11 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from ibmd_pipeline.bridges.schedules import make_schedule
-from ibmd_pipeline.degradations.config import TaskConfig
 from ibmd_pipeline.degradations.ops import inpaint_center
-from ibmd_pipeline.engine.config import config_to_dict
-from ibmd_pipeline.teacher.model import NetworkConfig, TeacherModelConfig, build_predictor, resolve_teacher
+
+from teacher_checkpoints import tiny_teacher_checkpoint
 
 IMAGE_SIZE = 16
 
@@ -27,32 +25,9 @@ def make_teacher_checkpoint(
     task_kind: str = "sr4x_bicubic", *, image_size: int = IMAGE_SIZE, channels: int = 1, seed: int = 0
 ) -> dict[str, Any]:
     """A random ``tiny`` teacher checkpoint for ``task_kind`` (EMA weights differ from raw ones)."""
-    model_config = TeacherModelConfig(network=NetworkConfig(preset="tiny"))
-    resolved = resolve_teacher(model_config, task_kind=task_kind, image_size=image_size, channels=channels)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        predictor = build_predictor(resolved.unet, make_schedule(resolved.bridge), resolved.conditional)
-        with torch.no_grad():
-            for parameter in predictor.net.parameters():
-                parameter.add_(0.05 * torch.randn_like(parameter))
-        raw = {k: v.clone() for k, v in predictor.net.state_dict().items()}
-        ema = {k: v + 0.01 * torch.randn_like(v) for k, v in raw.items()}
-    return {
-        "kind": "teacher",
-        "config": {
-            "bridge": config_to_dict(resolved.bridge),
-            "unet": config_to_dict(resolved.unet),
-            "conditional": resolved.conditional,
-            "task": config_to_dict(TaskConfig(kind=task_kind)),
-            "image_size": image_size,
-            "channels": channels,
-            "teacher": {"model": config_to_dict(model_config)},
-        },
-        "models": {"model": raw},
-        "ema": {"model": ema},
-        "step": 10,
-        "history": [],
-    }
+    return tiny_teacher_checkpoint(
+        task_kind, image_size=image_size, channels=channels, seed=seed, ema_noise=0.01, step=10
+    )
 
 
 def make_corrupted(

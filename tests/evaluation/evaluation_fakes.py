@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from ibmd_pipeline.bridges.schedules import make_schedule
 from ibmd_pipeline.degradations.config import TaskConfig
 from ibmd_pipeline.degradations.ops import degrade
 from ibmd_pipeline.distill.config import parse_distill_config
 from ibmd_pipeline.distill.trainer import distill_student
 from ibmd_pipeline.engine.config import config_to_dict
 from ibmd_pipeline.evaluation import EvaluateConfig, parse_evaluate_config
-from ibmd_pipeline.teacher.model import NetworkConfig, TeacherModelConfig, build_predictor, resolve_teacher
+
+from teacher_checkpoints import tiny_teacher_checkpoint
 
 SIZE = 16
 CLASS_NAMES = ["box", "disk"]
@@ -74,33 +74,8 @@ def make_pairs(
 
 
 def make_teacher(task_kind: str = "sr4x_bicubic", *, image_size: int = SIZE, seed: int = 0) -> dict[str, Any]:
-    """A random ``tiny`` teacher checkpoint (teacher.model format)."""
-    model = TeacherModelConfig(network=NetworkConfig(preset="tiny"))
-    resolved = resolve_teacher(model, task_kind=task_kind, image_size=image_size, channels=1)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        predictor = build_predictor(resolved.unet, make_schedule(resolved.bridge), resolved.conditional)
-        with torch.no_grad():
-            for parameter in predictor.net.parameters():
-                parameter.add_(0.05 * torch.randn_like(parameter))
-    weights = {k: v.clone() for k, v in predictor.net.state_dict().items()}
-    return {
-        "kind": "teacher",
-        "config": {
-            "bridge": config_to_dict(resolved.bridge),
-            "unet": config_to_dict(resolved.unet),
-            "conditional": resolved.conditional,
-            "task": config_to_dict(TaskConfig(kind=task_kind)),
-            "image_size": image_size,
-            "channels": 1,
-            "teacher": {"model": config_to_dict(model)},
-        },
-        "models": {"model": weights},
-        "ema": {"model": weights},
-        "step": 1,
-        "history": [],
-        "catalog_version": "teacher-v1",
-    }
+    """A random ``tiny`` teacher checkpoint as the catalog loads it (raw weights as EMA)."""
+    return tiny_teacher_checkpoint(task_kind, image_size=image_size, seed=seed, catalog_version="teacher-v1")
 
 
 def make_student(teacher: dict[str, Any], *, nfe: int = 1, task_kind: str | None = None) -> dict[str, Any]:

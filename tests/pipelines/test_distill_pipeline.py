@@ -18,7 +18,6 @@ from kedro.runner import SequentialRunner
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ibmd_pipeline.bridges.schedules import make_schedule
 from ibmd_pipeline.degradations.config import TaskConfig
 from ibmd_pipeline.distill.student import student_from_checkpoint
 from ibmd_pipeline.distill.trainer import DistillRun
@@ -29,11 +28,9 @@ from ibmd_pipeline.pipelines.distill import create_pipeline
 from ibmd_pipeline.pipelines.distill.nodes import distill_node, make_distill_grid, plot_distill_curves
 from ibmd_pipeline.teacher.model import (
     CheckpointMismatchError,
-    NetworkConfig,
-    TeacherModelConfig,
-    build_predictor,
-    resolve_teacher,
 )
+
+from teacher_checkpoints import tiny_teacher_checkpoint
 
 SIZE = 16
 DISTILL = {
@@ -56,32 +53,7 @@ class KeptDataset(MemoryDataset):
 
 
 def fake_teacher(task_kind: str = "sr4x_bicubic", image_size: int = SIZE, seed: int = 0) -> dict:
-    """A random ``tiny`` teacher checkpoint in the format of ``teacher.model``."""
-    model = TeacherModelConfig(network=NetworkConfig(preset="tiny"))
-    resolved = resolve_teacher(model, task_kind=task_kind, image_size=image_size, channels=1)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        predictor = build_predictor(resolved.unet, make_schedule(resolved.bridge), resolved.conditional)
-        with torch.no_grad():
-            for parameter in predictor.net.parameters():
-                parameter.add_(0.05 * torch.randn_like(parameter))
-    weights = predictor.net.state_dict()
-    return {
-        "kind": "teacher",
-        "config": {
-            "bridge": config_to_dict(resolved.bridge),
-            "unet": config_to_dict(resolved.unet),
-            "conditional": resolved.conditional,
-            "task": config_to_dict(TaskConfig(kind=task_kind)),
-            "image_size": image_size,
-            "channels": 1,
-            "teacher": {"model": config_to_dict(model)},
-        },
-        "models": {"model": weights},
-        "ema": {"model": weights},
-        "step": 1,
-        "history": [],
-    }
+    return tiny_teacher_checkpoint(task_kind, image_size=image_size, seed=seed)
 
 
 def corrupted_bundle(task_kind: str = "sr4x_bicubic", count: int = 16) -> dict:

@@ -20,20 +20,19 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.io.core import DatasetError, Version
 from kedro.runner import SequentialRunner
 
-from ibmd_pipeline.bridges.schedules import make_schedule
-from ibmd_pipeline.degradations.config import TaskConfig
 from ibmd_pipeline.degradations.ops import inpaint_center
 from ibmd_pipeline.deploy.export import ExportedStudent, eager_restore, example_inputs
 from ibmd_pipeline.distill.config import parse_distill_config
 from ibmd_pipeline.distill.student import student_from_checkpoint
 from ibmd_pipeline.distill.trainer import distill_student
-from ibmd_pipeline.engine.config import ConfigError, config_to_dict
+from ibmd_pipeline.engine.config import ConfigError
 from ibmd_pipeline.io.torchscript import OnnxStudentDataset, TorchScriptStudentDataset
 from ibmd_pipeline.pipeline_registry import register_pipelines
 from ibmd_pipeline.pipelines.export import create_onnx_pipeline, create_pipeline
 from ibmd_pipeline.pipelines.export.nodes import export_student
 from ibmd_pipeline.settings import CONFIG_LOADER_ARGS
-from ibmd_pipeline.teacher.model import NetworkConfig, TeacherModelConfig, build_predictor, resolve_teacher
+
+from teacher_checkpoints import tiny_teacher_checkpoint
 
 SIZE = 16
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -48,33 +47,8 @@ ONE_UPDATE = {
 
 def distilled_student(task_kind: str = "inpaint_center") -> dict:
     """A student checkpoint made by ``distill_student`` from a tiny random teacher."""
-    model_config = TeacherModelConfig(network=NetworkConfig(preset="tiny"))
-    resolved = resolve_teacher(model_config, task_kind=task_kind, image_size=SIZE, channels=1)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        predictor = build_predictor(resolved.unet, make_schedule(resolved.bridge), resolved.conditional)
-        with torch.no_grad():
-            for parameter in predictor.net.parameters():
-                parameter.add_(0.05 * torch.randn_like(parameter))
-        clean = torch.rand(6, 1, SIZE, SIZE) * 2 - 1
-    weights = predictor.net.state_dict()
-    teacher = {
-        "kind": "teacher",
-        "config": {
-            "bridge": config_to_dict(resolved.bridge),
-            "unet": config_to_dict(resolved.unet),
-            "conditional": resolved.conditional,
-            "task": config_to_dict(TaskConfig(kind=task_kind)),
-            "image_size": SIZE,
-            "channels": 1,
-            "teacher": {"model": config_to_dict(model_config)},
-        },
-        "models": {"model": weights},
-        "ema": {"model": weights},
-        "step": 1,
-        "history": [],
-        "catalog_version": "teacher-v1",
-    }
+    teacher = tiny_teacher_checkpoint(task_kind, image_size=SIZE, catalog_version="teacher-v1")
+    clean = torch.rand(6, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
     degraded = inpaint_center(clean, torch.Generator().manual_seed(1))
     config = parse_distill_config(ONE_UPDATE)
     return distill_student(
