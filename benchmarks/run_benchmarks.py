@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,8 @@ SCHEMA = "ibmd-benchmark/1"
 #: (I2SB's own code runs ``nfe = interval - 1`` for its "NFE 1000").
 I2SB_FULL_CHAIN_NFE = 999
 PIPELINES = ("degrade", "teacher", "distill", "evaluate")
+#: A number in scientific notation without a dot (``3e-4``), which YAML 1.1 leaves a string.
+SCIENTIFIC = re.compile(r"[+-]?\d+[eE][+-]?\d+")
 
 
 @dataclass(frozen=True)
@@ -182,15 +185,23 @@ def parse_curve(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(counts)))
 
 
+def parse_value(text: str) -> Any:
+    """A command-line value read as YAML, with ``3e-4`` a float (YAML 1.1 wants ``3.0e-4``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
     """``["distill.train.steps=600", "evaluate.teacher_nfe=[1, 10]"]`` -> nested runtime params
-    (values read as YAML, as ``kedro run --params`` types them)."""
+    (values read as YAML, as ``kedro run --params`` types them; :func:`parse_value`)."""
     params: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
             raise ValueError(f"--set takes KEY=VALUE with a dotted KEY, got {item!r}")
-        nested: Any = yaml.safe_load(value)
+        nested: Any = parse_value(value)
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         params = deep_merge(params, nested)

@@ -29,9 +29,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
 import run_benchmarks as rb  # noqa: E402
 
-#: The test env evaluates the teacher at NFE 1 and 4 (a full 999-step chain has no place in a unit test).
-TEST_EVALUATE = {"evaluate": {"teacher_nfe": [1, 4]}}
-CURVE = (2, 4)  # conf/test distils 4 updates: the curve's last point is the row's own student
 RESULT_KEYS = {
     "schema", "row", "task", "task_config", "labels", "teacher", "distill", "evaluate", "quick", "env",
     "overrides", "hardware", "timings", "cost", "records", "evaluation", "fid_vs_distill_steps",
@@ -40,17 +37,6 @@ RESULT_KEYS = {
 RECORD_KEYS = {
     "model", "nfe", "fid", "lpips", "ca", "psnr", "ssim", "sec_per_image", "images_per_sec", "seed"
 }
-
-
-@pytest.fixture(scope="module")
-def row_run(tmp_path_factory) -> tuple[Path, dict[str, Any], Path]:
-    root = tmp_path_factory.mktemp("benchmarks")
-    path = rb.run_row(
-        "sr4x_bicubic", env="test", threads=torch.get_num_threads(), device="cpu",
-        out=root / "results", work_root=root / "work", curve=CURVE, extra_params=TEST_EVALUATE,
-        cost_rounds=1, command="pytest",
-    )
-    return path, json.loads(path.read_text()), root
 
 
 # ---------------------------------------------------------------- one row, end to end
@@ -127,7 +113,7 @@ def test_timings_and_cost_are_measured(row_run):
 def test_the_distillation_curve_ends_at_the_rows_own_student(row_run):
     _, result, _ = row_run
     curve = result["fid_vs_distill_steps"]
-    assert [point["steps"] for point in curve] == list(CURVE)
+    assert [point["steps"] for point in curve] == [2, 4]  # conftest.CURVE
     assert 0 < curve[0]["distill_s"] < curve[1]["distill_s"]
     assert all(isinstance(point["fid"], float) and point["psnr"] > 0 for point in curve)
     # same settings, teacher, data and seeds: the run's last snapshot is the pipeline's student
@@ -298,9 +284,11 @@ def test_curve_and_set_arguments_are_parsed_or_refused():
     for bad in ("", "0,10", "ten", "5,-1"):
         with pytest.raises(ValueError, match="--distill-steps-curve"):
             rb.parse_curve(bad)
-    assignments = ["distill.train.steps=600", "evaluate.teacher_nfe=[1, 10]", "task.kind=jpeg"]
+    assignments = ["distill.train.steps=600", "evaluate.teacher_nfe=[1, 10]", "task.kind=jpeg",
+                   "distill.lr_generator=3e-5", "distill.lr_aux=1.0e-4", "distill.noise=nan"]
     assert rb.parse_assignments(assignments) == {
-        "distill": {"train": {"steps": 600}}, "evaluate": {"teacher_nfe": [1, 10]}, "task": {"kind": "jpeg"}
+        "distill": {"train": {"steps": 600}, "lr_generator": 3e-5, "lr_aux": 1e-4, "noise": "nan"},
+        "evaluate": {"teacher_nfe": [1, 10]}, "task": {"kind": "jpeg"},
     }
     for bad in ("steps", "=3", "a..b=1"):
         with pytest.raises(ValueError, match="KEY=VALUE"):

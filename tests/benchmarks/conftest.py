@@ -1,0 +1,36 @@
+"""One tiny benchmark row, run once for the benchmark scripts' tests.
+
+``row_run`` runs ``run_benchmarks.run_row("sr4x_bicubic")`` on the ``test`` settings with its
+data root under a temporary folder: nothing is written to ``benchmarks/results``,
+``benchmarks/work`` or ``data/``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+import run_benchmarks as rb  # noqa: E402
+
+#: The test env evaluates the teacher at NFE 1 and 4 (a full 999-step chain has no place in a unit test).
+TEST_EVALUATE = {"evaluate": {"teacher_nfe": [1, 4]}}
+CURVE = (2, 4)  # conf/test distils 4 updates: the curve's last point is the row's own student
+
+
+@pytest.fixture(scope="session")
+def row_run(tmp_path_factory) -> tuple[Path, dict[str, Any], Path]:
+    """``(results file, its JSON, root)``; the row's work folder is ``root/work/sr4x_bicubic``."""
+    root = tmp_path_factory.mktemp("benchmarks")
+    path = rb.run_row(
+        "sr4x_bicubic", env="test", threads=torch.get_num_threads(), device="cpu",
+        out=root / "results", work_root=root / "work", curve=CURVE, extra_params=TEST_EVALUATE,
+        cost_rounds=1, command="pytest",
+    )
+    return path, json.loads(path.read_text()), root
