@@ -5,7 +5,9 @@ session's timestamp (millisecond resolution). Two sessions therefore write disjo
 folders, each complete (atomic writes) and loadable. Two sessions created within the same
 millisecond would share a version: Kedro refuses a save whose versioned path exists, but that
 check and the write are not one atomic step, so the second of two truly simultaneous saves
-could replace the first's file (see docs/reliability.md); the test checks the timestamps differ.
+could replace the first's file (see docs/reliability.md). Started together, the two children
+did collide that way now and then, so they now create their sessions 50 ms apart (after both
+have imported everything) and then run side by side; the test checks the timestamps differ.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,14 +37,23 @@ GRID = "08_reporting/degrade_grid.png"
 
 
 def test_two_simultaneous_degrade_runs_write_distinct_complete_versions(tmp_path: Path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    runs = [
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "IBMD_CHILD_SYNC": str(sync)}
+    runs = [  # sessions created 50 ms apart once both children are imported (_kedro_child.py)
         subprocess.Popen(
             [sys.executable, str(CHILD), str(tmp_path / f"run{i}"), "degrade"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**env, "IBMD_CHILD_DELAY": str(0.05 * i)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(2)
     ]
+    deadline = time.monotonic() + 300
+    while len(list(sync.glob("ready-*"))) < 2:
+        assert all(run.poll() is None for run in runs), "a child exited before its session started"
+        assert time.monotonic() < deadline, "the children did not get ready within 300 s"
+        time.sleep(0.01)
+    (sync / "go").touch()
     versions = []
     for run in runs:
         out, err = run.communicate(timeout=300)
