@@ -9,12 +9,12 @@ Run the row first (``run_benchmarks.py --row ROW`` or ``--quick --row ROW``): th
 that run's teacher and corrupted training images from ``benchmarks/work/<row>`` (or
 ``<row>.quick`` when only the quick run exists; ``--work`` picks another folder) and its
 parameters as the row ran them. Every combination of the ``--grid`` values (the cartesian
-product, values read as YAML, ``3e-4`` a float) distils a fresh student for ``--steps`` generator updates from the
-same seed, with the distillation's own held-out validation every ``--every`` updates: the energy
-distance ("gap") of the EMA student's samples to the teacher's NFE-K samples, on corrupted
-images only, next to the same gap of the teacher's own few-step samplers. The table lists, per
-setting, the gap at each validation, the best and the last, the raw (non-EMA) weights' last
-gap and the wall time. ``--out`` also writes it as JSON.
+product, values read as YAML, ``3e-4`` a float) distils a fresh student for ``--steps``
+generator updates from the same seed, with the distillation's own held-out validation every
+``--every`` updates: the energy distance ("gap") of the EMA student's samples to the teacher's
+NFE-K samples, on corrupted images only, next to the same gap of the teacher's own few-step
+samplers. The table lists, per setting, the gap at each validation, the best and the last, the
+raw (non-EMA) weights' last gap and the wall time. ``--out`` also writes it as JSON.
 
 The gap is the distillation's own quality signal (no clean image involved): a setting whose gap
 grows while training runs is unstable, one whose gap keeps falling would pay for more updates.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import os
 import sys
@@ -68,7 +67,9 @@ def parse_grid(items: Sequence[str]) -> list[tuple[str, list[Any]]]:
         key = key.strip()
         parts = key.split(".")
         if not sep or len(parts) < 2 or parts[0] != "distill" or not all(parts):
-            raise ValueError(f"--grid takes distill.KEY=V1,V2,... with a dotted KEY under distill, got {item!r}")
+            raise ValueError(
+                f"--grid takes distill.KEY=V1,V2,... with a dotted KEY under distill, got {item!r}"
+            )
         values = [parse_value(value) for value in text.split(",") if value.strip()]
         if not values:
             raise ValueError(f"--grid {key} needs at least one value, got {item!r}")
@@ -154,7 +155,8 @@ def render(results: Sequence[Mapping[str, Any]]) -> str:
     header = ["setting", *(f"gap @{s}" for s in steps), "best (step)", "raw last", "min"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
-        label = ", ".join(f"{k.removeprefix('distill.')}={v}" for k, v in result["setting"].items()) or "row's"
+        setting = result["setting"].items()
+        label = ", ".join(f"{k.removeprefix('distill.')}={v}" for k, v in setting) or "row's"
         cells = [label, *(f"{gap:.3f}" for _, gap in result["gaps"])]
         cells.append(f"{result['best_gap']:.3f} ({result['best_step']})")
         raw = result["raw_last_gap"]
@@ -223,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=25, help="updates between validations (default 25)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    parser.add_argument("--work", type=Path, help="the row's work folder (default benchmarks/work/<row>[.quick])")
+    parser.add_argument("--work", type=Path,
+                        help="the row's work folder (default benchmarks/work/<row>[.quick])")
     parser.add_argument("--out", type=Path, help="also write the sweep as JSON here")
     args = parser.parse_args(argv)
     try:

@@ -67,7 +67,8 @@ def test_grid_values_are_typed_and_combined_in_order():
     grid = ds.parse_grid(["distill.lr_generator=3e-4, 1e-4", "distill.train.batch_size=16,32"])
     assert grid == [("distill.lr_generator", [3e-4, 1e-4]), ("distill.train.batch_size", [16, 32])]
     settings = ds.settings_of(grid)
-    assert len(settings) == 4 and settings[1] == {"distill.lr_generator": 3e-4, "distill.train.batch_size": 32}
+    assert len(settings) == 4
+    assert settings[1] == {"distill.lr_generator": 3e-4, "distill.train.batch_size": 32}
     assert ds.nested(settings[1]) == {"lr_generator": 3e-4, "train": {"batch_size": 32}}
     config = ds.sweep_distill_config(
         {"lr_generator": 1.0, "workdir": "w", "train": {"steps": 300, "seed": 0}, "validation": {"every": 0}},
@@ -80,7 +81,8 @@ def test_grid_values_are_typed_and_combined_in_order():
 
 
 @pytest.mark.parametrize(
-    "item", ["lr_generator=1e-4", "distill.lr_generator", "distill.=1", "teacher.train.steps=5", "distill.lr="]
+    "item",
+    ["lr_generator=1e-4", "distill.lr_generator", "distill.=1", "teacher.train.steps=5", "distill.lr="],
 )
 def test_malformed_grid_items_are_refused_by_name(item):
     with pytest.raises(ValueError, match="--grid"):
