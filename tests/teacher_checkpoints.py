@@ -19,6 +19,21 @@ from ibmd_pipeline.engine.config import config_to_dict
 from ibmd_pipeline.teacher.model import NetworkConfig, TeacherModelConfig, build_predictor, resolve_teacher
 
 
+def teacher_config(
+    model_config: TeacherModelConfig, resolved: Any, task_kind: str, image_size: int, channels: int
+) -> dict[str, Any]:
+    """The ``config`` of a teacher checkpoint (``teacher.model`` format) for a resolved teacher."""
+    return {
+        "bridge": config_to_dict(resolved.bridge),
+        "unet": config_to_dict(resolved.unet),
+        "conditional": resolved.conditional,
+        "task": config_to_dict(TaskConfig(kind=task_kind)),
+        "image_size": image_size,
+        "channels": channels,
+        "teacher": {"model": config_to_dict(model_config)},
+    }
+
+
 def tiny_teacher_checkpoint(
     task_kind: str = "sr4x_bicubic",
     *,
@@ -47,15 +62,7 @@ def tiny_teacher_checkpoint(
         ema = {k: v + ema_noise * torch.randn_like(v) for k, v in raw.items()} if ema_noise else raw
     checkpoint: dict[str, Any] = {
         "kind": "teacher",
-        "config": {
-            "bridge": config_to_dict(resolved.bridge),
-            "unet": config_to_dict(resolved.unet),
-            "conditional": resolved.conditional,
-            "task": config_to_dict(TaskConfig(kind=task_kind)),
-            "image_size": image_size,
-            "channels": channels,
-            "teacher": {"model": config_to_dict(model_config)},
-        },
+        "config": teacher_config(model_config, resolved, task_kind, image_size, channels),
         "models": {"model": raw},
         "ema": {"model": ema},
         "step": step,

@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from teacher_checkpoints import teacher_config
 
 from ibmd_pipeline.bridges.schedules import make_schedule
-from ibmd_pipeline.degradations.config import TaskConfig
 from ibmd_pipeline.distill.generator import BridgeGenerator
 from ibmd_pipeline.engine.checkpoint import save_checkpoint
-from ibmd_pipeline.engine.config import config_to_dict
 from ibmd_pipeline.teacher.model import NetworkConfig, TeacherModelConfig, build_predictor, resolve_teacher
 
 IMAGE_SIZE = 16
@@ -33,16 +32,7 @@ def _teacher(task_kind: str, image_size: int, channels: int) -> tuple[Any, dict[
     model_config = TeacherModelConfig(network=NetworkConfig(preset="tiny"))
     resolved = resolve_teacher(model_config, task_kind=task_kind, image_size=image_size, channels=channels)
     predictor = build_predictor(resolved.unet, make_schedule(resolved.bridge), resolved.conditional)
-    config = {
-        "bridge": config_to_dict(resolved.bridge),
-        "unet": config_to_dict(resolved.unet),
-        "conditional": resolved.conditional,
-        "task": config_to_dict(TaskConfig(kind=task_kind)),
-        "image_size": image_size,
-        "channels": channels,
-        "teacher": {"model": config_to_dict(model_config)},
-    }
-    return predictor, config
+    return predictor, teacher_config(model_config, resolved, task_kind, image_size, channels)
 
 
 def make_teacher_checkpoint(
