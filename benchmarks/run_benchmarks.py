@@ -67,7 +67,6 @@ from ibmd_pipeline.distill.student import student_from_checkpoint  # noqa: E402
 from ibmd_pipeline.distill.trainer import distill_student  # noqa: E402
 from ibmd_pipeline.engine.devices import cpu_model, describe_device, select_device  # noqa: E402
 from ibmd_pipeline.evaluation import (  # noqa: E402
-    METRICS,
     MetricSuite,
     check_references,
     evaluated_subset,

@@ -14,6 +14,7 @@ between rounds shows how much the machine disturbed the numbers.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,34 +45,38 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    teacher = teacher_from_checkpoint(load_checkpoint(latest_version(args.models, "teacher.pt")), device="cpu")
-    student = student_from_checkpoint(load_checkpoint(latest_version(args.models, "student.pt")), device="cpu")
+    teacher = teacher_from_checkpoint(
+        load_checkpoint(latest_version(args.models, "teacher.pt")), device="cpu"
+    )
+    student = student_from_checkpoint(
+        load_checkpoint(latest_version(args.models, "student.pt")), device="cpu"
+    )
     size = int(teacher.config["image_size"])
     print(f"torch {torch.__version__}, {args.threads} threads; teacher NFE {args.teacher_nfe}")
 
     def seeded() -> torch.Generator:
         return torch.Generator().manual_seed(0)
 
+    def teacher_run(xT: torch.Tensor, nfe: int) -> torch.Tensor:
+        return sample(teacher.predictor, xT, teacher.schedule, nfe, mode="ancestral", generator=seeded())
+
+    def student_run(xT: torch.Tensor) -> torch.Tensor:
+        return student.sample(xT, nfe=1, generator=seeded())
+
     for batch in args.batch:
         xT = torch.rand(batch, 1, size, size, generator=seeded()) * 2 - 1
         for _ in range(args.rounds):
             with torch.no_grad():
                 one = time_sampling(
-                    lambda: sample(teacher.predictor, xT, teacher.schedule, 1, mode="ancestral", generator=seeded()),
-                    batch, repeats=3, min_seconds=args.min_seconds,
+                    partial(teacher_run, xT, 1), batch, repeats=3, min_seconds=args.min_seconds
                 )
                 stu = time_sampling(
-                    lambda: student.sample(xT, nfe=1, generator=seeded()),
-                    batch, repeats=3, min_seconds=args.min_seconds,
+                    partial(student_run, xT), batch, repeats=3, min_seconds=args.min_seconds
                 )
-                many = time_sampling(
-                    lambda: sample(
-                        teacher.predictor, xT, teacher.schedule, args.teacher_nfe, mode="ancestral", generator=seeded()
-                    ),
-                    batch, repeats=3,
-                )
+                many = time_sampling(partial(teacher_run, xT, args.teacher_nfe), batch, repeats=3)
             print(
-                f"batch {batch}: teacher@1 {one.seconds_per_image * 1e3:.3f} ms/img ({len(one.seconds_per_batch)} calls), "
+                f"batch {batch}: teacher@1 {one.seconds_per_image * 1e3:.3f} ms/img "
+                f"({len(one.seconds_per_batch)} calls), "
                 f"student@1 {stu.seconds_per_image * 1e3:.3f} ms/img ({len(stu.seconds_per_batch)} calls), "
                 f"teacher@{args.teacher_nfe} {many.seconds_per_image * 1e3:.2f} ms/img, "
                 f"speed-up {many.seconds_per_image / stu.seconds_per_image:.1f}x"

@@ -144,7 +144,7 @@ def main() -> None:
         scorer = FIDScorer(device=device, batch_size=50)
         scorer.reference_statistics(held_out)
 
-    print(f"\n| steps | batch | s/step (mean) | s/step (best window) | wall time | CPU time / thread |")
+    print("\n| steps | batch | s/step (mean) | s/step (best window) | wall time | CPU time / thread |")
     print("|---|---|---|---|---|---|")
     print(f"| {train.steps} | {train.batch_size} | {statistics.mean(windows):.3f} | {min(windows):.3f} | "
           f"{wall / 60:.1f} min | {cpu / args.threads / 60:.1f} min |")
