@@ -243,7 +243,7 @@ def test_quick_settings_and_overrides_layer_in_order():
     assert full["evaluate"]["teacher_nfe"] == [1, 10, 100, 999] and "train" not in full["teacher"]
     longer = {"distill": {"train": {"steps": 7}}}
     extra = rb.row_params("sketch-n2", quick=True, device="cpu", threads=1, extra=longer)
-    assert extra["distill"] == {"student_nfe": 2, "train": {"steps": 7}}
+    assert extra["distill"] == {"student_nfe": 2, **rb.DDBM_MULTISTEP_SCHEDULE, "train": {"steps": 7}}
     assert rb.ROWS["sr4x_bicubic"].params["evaluate"]["teacher_nfe"] == [1, 10, 100, 999]  # not mutated
     assert rb.results_path(Path("r"), "jpeg5", True) == Path("r/jpeg5.quick.json")
     assert rb.results_path(Path("r"), "jpeg5", False) == Path("r/jpeg5.json")
