@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from numerics import sum_rtol
 from torch._dynamo.utils import counters
 
 from ibmd_pipeline.distill.config import DistillConfig, parse_distill_config, resolve_distill
@@ -407,12 +408,19 @@ def test_two_processes_equal_one_process_write_one_checkpoint_and_resume_exactly
         xT, teacher, tiny_config(train={"steps": 2, "batch_size": 4}, aux_batch_size=6, **common),
         device="cpu", progress=False,
     )
-    for a, b in zip(one["history"], two["history"], strict=True):
-        for key in ("loss/generator", "loss/aux", "term/teacher", "term/fake"):
-            assert a[key] == pytest.approx(b[key], abs=1e-5), key
-    for name in ("generator", "aux"):
+    # float32, so only bounds that hold on any CPU (tests/numerics.py; the float64 parity of
+    # tests/engine/test_ddp_training.py is the tight check): the first losses come from equal
+    # weights and differ by the rounding of their sums; after that AdamW may move a weight whose
+    # gradient is within rounding of zero by up to lr per update on either side.
+    first_one, first_two = one["history"][0], two["history"][0]
+    terms = 6 * 16 * 16  # the longest sum: a loss or weight gradient over the aux batch of 6 16x16 images
+    for key in ("loss/generator", "loss/aux", "term/teacher", "term/fake"):
+        assert len(one["history"]) == len(two["history"]) == 2
+        assert first_one[key] == pytest.approx(first_two[key], rel=sum_rtol(terms, torch.float32)), key
+    updates = {"generator": 2, "aux": 2 * tiny_config().aux_steps}
+    for name, count in updates.items():
         for key, value in one["models"][name].items():
-            torch.testing.assert_close(two["models"][name][key], value, rtol=0, atol=2e-3)  # 2 Adam steps
+            torch.testing.assert_close(two["models"][name][key], value, rtol=0, atol=2 * count * 1e-3)
 
     # One working checkpoint for both ranks, with both ranks' random states (equal here: every
     # draw is made for the global batch from generators seeded alike on every rank).

@@ -341,10 +341,12 @@ def build_distill_run(
         config, bridge_kind=teacher.bridge.kind, conditional=teacher.conditional, inpainting=mask is not None
     )
     train_xT, train_mask, val_xT, val_mask = split_held_out(corrupted, mask, config.validation.batch_size)
-    # Batches are gathered from host memory every update: float32 once, pinned once on CUDA.
-    train_xT = stage_on_host(train_xT.to("cpu", torch.float32).contiguous(), ctx.device)
+    # Batches are gathered from host memory every update: converted once to torch's default
+    # dtype (float32 unless the caller set another), pinned once on CUDA.
+    dtype = torch.get_default_dtype()
+    train_xT = stage_on_host(train_xT.to("cpu", dtype).contiguous(), ctx.device)
     if train_mask is not None:
-        train_mask = stage_on_host(train_mask.to("cpu", torch.float32).contiguous(), ctx.device)
+        train_mask = stage_on_host(train_mask.to("cpu", dtype).contiguous(), ctx.device)
 
     generator = BridgeGenerator.from_teacher(
         teacher.predictor, nfe=resolved.student_nfe, noise=resolved.noise
@@ -411,8 +413,8 @@ def build_distill_run(
     if config.validation.every > 0:
         run.validator = DistillValidator(
             teacher.predictor,
-            val_xT.to(ctx.device, torch.float32),
-            None if val_mask is None else val_mask.to(ctx.device, torch.float32),
+            val_xT.to(ctx.device, dtype),
+            None if val_mask is None else val_mask.to(ctx.device, dtype),
             config.validation,
             resolved.student_nfe,
             bf16=run.use_bf16,

@@ -468,7 +468,9 @@ class UNet(nn.Module):
             raise ValueError(
                 f"noise_level must hold 1 or B={x.shape[0]} values, got shape {tuple(level.shape)}"
             )
-        emb = self.time_embed(noise_level_embedding(level, self.config.model_channels))
+        # The embedding is float32 (see noise_level_embedding); a float64 network takes it in its own dtype.
+        embedding = noise_level_embedding(level, self.config.model_channels)
+        emb = self.time_embed(embedding.to(self.time_embed[0].weight.dtype))
 
         skips = []
         h = x

@@ -167,7 +167,11 @@ def check_teacher_checkpoint(checkpoint: Mapping[str, Any], plan: TeacherPlan) -
 
 @dataclass(frozen=True)
 class PairTensors:
-    """Clean/corrupted pairs (and the inpainting mask) of one split, as float32 tensors."""
+    """Clean/corrupted pairs (and the inpainting mask) of one split, in torch's default dtype.
+
+    That is float32 unless the caller set another (the data-parallel parity tests train in
+    float64, where the sum order of a reduction no longer shows).
+    """
 
     clean: Tensor
     corrupted: Tensor
@@ -223,8 +227,9 @@ def bundle_pairs(bundle: Mapping[str, Any], task: TaskConfig, name: str) -> Pair
             f"the {name} pairs were degraded for task {dict(stored)}, but the parameters say "
             f"{config_to_dict(task)}; re-run the degrade pipeline with this task",
         )
-    clean = torch.as_tensor(bundle["clean"]).float()
-    corrupted = torch.as_tensor(bundle["corrupted"]).float()
+    dtype = torch.get_default_dtype()
+    clean = torch.as_tensor(bundle["clean"]).to(dtype)
+    corrupted = torch.as_tensor(bundle["corrupted"]).to(dtype)
     if clean.ndim != 4 or clean.shape != corrupted.shape or clean.shape[0] == 0:
         raise ValueError(
             f"the {name} bundle needs clean and corrupted images of one shape (N, C, H, W), N >= 1; "
@@ -234,7 +239,7 @@ def bundle_pairs(bundle: Mapping[str, Any], task: TaskConfig, name: str) -> Pair
         raise ValueError(f"the {name} images must be square, got {tuple(clean.shape[-2:])}")
     mask = None
     if task.has_mask:
-        mask = torch.as_tensor(bundle["mask"]).float()
+        mask = torch.as_tensor(bundle["mask"]).to(dtype)
         if mask.shape != (clean.shape[0], 1, *clean.shape[2:]):
             raise ValueError(f"the {name} mask has shape {tuple(mask.shape)}, expected (N, 1, H, W)")
     return PairTensors(clean.contiguous(), corrupted.contiguous(), mask)
