@@ -5,7 +5,8 @@ they produce (wall-clock fields left out):
 
 - ``test``: ``kedro run --env test`` (degrade, teacher, distill, export, evaluate on tiny settings);
 - ``sr4x_bicubic``: a short teacher + student run of the task on the ``cpu`` UNet preset
-  (``--pipelines degrade,teacher,distill`` on env ``test`` with a few real-size steps).
+  (``--pipelines degrade,teacher,distill`` on env ``test`` with a few real-size steps, bf16
+  autocast where the CPU has native bf16, as the default run).
 
 Usage::
 
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "test"
 #: Keys whose values are wall-clock measurements or run identities, not computed numbers.
 VOLATILE = re.compile(r"sec|second|time|speed|throughput|elapsed|latency|catalog_version|version|git|host|date")
+#: A catalog version (a time stamp) as a value: which run wrote a file, not what it computed.
+VERSION_VALUE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z$")
 
 SR4X_PARAMS = ",".join(
     [
@@ -45,9 +48,13 @@ SR4X_PARAMS = ",".join(
         "teacher.train.steps=12",
         "teacher.train.batch_size=16",
         "teacher.train.checkpoint_every=6",
+        "teacher.train.log_every=6",
+        "teacher.train.bf16=true",
         "teacher.validation.every=6",
         "distill.train.steps=3",
         "distill.train.batch_size=8",
+        "distill.train.log_every=1",
+        "distill.train.bf16=true",
         "distill.validation.every=3",
         "distill.validation.teacher_nfe=4",
     ]
@@ -61,10 +68,13 @@ JOBS = {
 def _digest(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().contiguous()
-        data = value.view(torch.uint8).numpy().tobytes() if value.numel() else b""
+        data = value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b""
         return f"{value.dtype}{tuple(value.shape)}:" + hashlib.sha256(data).hexdigest()[:16]
     if isinstance(value, np.ndarray):
-        return f"{value.dtype}{value.shape}:" + hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()[:16]
+        digest = hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()[:16]
+        return f"{value.dtype}{value.shape}:{digest}"
+    if isinstance(value, str) and VERSION_VALUE.match(value):
+        return "(a catalog version)"
     return repr(value)
 
 
