@@ -37,7 +37,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "test"
 #: Keys whose values are wall-clock measurements or run identities, not computed numbers.
-VOLATILE = re.compile(r"sec|second|time|speed|throughput|elapsed|latency|catalog_version|version|git|host|date")
+VOLATILE = re.compile(
+    r"sec|second|time|speed|throughput|elapsed|latency|catalog_version|version|git|host|date"
+)
 #: A catalog version (a time stamp) as a value: which run wrote a file, not what it computed.
 VERSION_VALUE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z$")
 
@@ -139,7 +141,7 @@ def compare(before: dict[str, dict[str, str]], after: dict[str, dict[str, str]])
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the fingerprint of both jobs here")
-    parser.add_argument("--jobs", default=",".join(JOBS), help="comma-separated subset of: " + ", ".join(JOBS))
+    parser.add_argument("--jobs", default=",".join(JOBS), help="a comma-separated subset of " + ", ".join(JOBS))
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
     args = parser.parse_args()
     if args.compare:
