@@ -141,7 +141,7 @@ def compare(before: dict[str, dict[str, str]], after: dict[str, dict[str, str]])
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the fingerprint of both jobs here")
-    parser.add_argument("--jobs", default=",".join(JOBS), help="a comma-separated subset of " + ", ".join(JOBS))
+    parser.add_argument("--jobs", default=",".join(JOBS), help="subset of: " + ", ".join(JOBS))
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
     args = parser.parse_args()
     if args.compare:
