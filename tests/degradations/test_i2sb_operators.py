@@ -47,8 +47,8 @@ def test_bicubic_is_ddrms_reflected_16_tap_kernel_at_stride_4():
     kernel = _ddrm_bicubic_kernel()
     padded = np.pad(x, ((0, 0), (0, 0), (8, 8), (8, 8)), mode="symmetric")  # DDRM: -1 -> 0, n -> n-1
     # output r of 8 sums the 16 padded pixels from 4r + 2 (DDRM centres its taps at 4r + 2)
-    rows = np.stack([np.tensordot(padded[:, :, 4 * r + 2 : 4 * r + 18], kernel, ([2], [0])) for r in range(8)],
-                    2)
+    rows = np.stack([np.tensordot(padded[:, :, 4 * r + 2 : 4 * r + 18], kernel, ([2], [0]))
+                     for r in range(8)], 2)
     low = np.stack([np.tensordot(rows[..., 4 * c + 2 : 4 * c + 18], kernel, ([3], [0])) for c in range(8)], 3)
     expected = torch.from_numpy(low).repeat_interleave(4, 2).repeat_interleave(4, 3)
     ours = i2sb_sr4x_bicubic(torch.from_numpy(x))
