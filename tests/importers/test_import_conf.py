@@ -44,12 +44,10 @@ def test_imagenet256_is_wired_to_the_published_i2sb_teacher_and_its_inputs(tmp_p
     # the README's DDBM DIODE command on the same env
     params = _params(
         "imagenet256",
-        data={
-            "source": "paired_suffix", "path": str(tmp_path), "resize": "ddbm", "corrupted_resample": "nearest"
-        },
+        data=dict(source="paired_suffix", path=str(tmp_path), resize="ddbm", corrupted_resample="nearest"),
         task={"kind": "paired", "operators": "project"},
         teacher_import={"format": "ddbm", "architecture": "ddbm_diode256", "checkpoint": "d.pt"},
     )
-    data, task = parse_config(DataConfig, params["data"], "data"), parse_config(TaskConfig, params["task"], "task")
-    check_data_and_task(data, task)
+    data = parse_config(DataConfig, params["data"], "data")
+    check_data_and_task(data, parse_config(TaskConfig, params["task"], "task"))
     assert parse_import_config(params["teacher_import"]).architecture == "ddbm_diode256"
