@@ -206,3 +206,14 @@ def test_parameters_are_validated_with_their_keys():
     with pytest.raises(ConfigError) as err:
         parse_import_config({"format": "ddbm", "checkpoint": "x.pt", "ddbm": {"pred_mode": "ve"}})
     assert err.value.key == "teacher_import.ddbm.pred_mode"
+
+
+def test_bridge_settings_for_i2sb_noise_levels_are_validated():
+    from ibmd_pipeline.bridges.schedules import BridgeConfig
+
+    with pytest.raises(ConfigError) as err:
+        BridgeConfig(kind="ddbm_vp", noise_levels="i2sb").validate("bridge")
+    assert err.value.key == "bridge.noise_levels"
+    with pytest.raises(ConfigError) as err:
+        BridgeConfig(noise_levels="i2sb", i2sb_t0=1.0, i2sb_T=1.0).validate("bridge")
+    assert err.value.key == "bridge.i2sb_t0"

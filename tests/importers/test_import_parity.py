@@ -197,3 +197,22 @@ def test_small_architectures_are_read_back_from_their_weights(architecture):
     assert infer_architecture(
         state, image_size=32, num_head_channels=16, attention_order=architecture.attention_order
     ) == architecture
+
+
+def test_the_exact_grid_leaves_every_configured_nfe_where_it_was():
+    """The grid now follows I2SB's rounding; at the NFEs the project's configurations use (and
+    its students' 2- and 4-step grids) it gives the same times as the former round-half-up grid."""
+    schedule = I2SBSchedule()
+    for nfe in (1, 2, 4, 5, 8, 10, 16, 100, 999):
+        former = torch.floor(torch.linspace(0, 999, nfe + 1, dtype=torch.float64) + 0.5)
+        assert torch.equal(schedule.grid(nfe), ((former + 1) / 1000).flip(0)), nfe
+
+
+def test_i2sb_noise_levels_interpolate_between_steps_and_default_to_the_step_index():
+    table = I2SBSchedule(noise_levels="i2sb")
+    levels = torch.linspace(1e-4, 1.0, 1000) * 1000
+    between = table.network_noise_level(torch.tensor([0.0105], dtype=torch.float64))  # step 9.5
+    assert float(between) == pytest.approx(float(levels[9] + levels[10]) / 2, rel=1e-12)
+    plain = I2SBSchedule()
+    t = torch.tensor([0.5, 1.0], dtype=torch.float32)
+    assert torch.equal(plain.preconditioning(t)[3], plain.step_index(t))  # this project's teachers: unchanged
