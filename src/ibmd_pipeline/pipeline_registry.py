@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Pipeline
 
-from ibmd_pipeline.pipelines import degrade, distill, evaluate, export, teacher
+from ibmd_pipeline.pipelines import degrade, distill, evaluate, export, import_teacher, teacher
 
 # Order of the full run: each pipeline consumes the persisted outputs of the previous ones.
 PIPELINE_ORDER = ("degrade", "teacher", "distill", "export", "evaluate")
@@ -14,6 +14,8 @@ def register_pipelines() -> dict[str, Pipeline]:
     ``evaluate`` = ``evaluate_reference`` (classifier and FID statistics of the clean test set,
     cached in the catalog) + ``evaluate_models``; rerun ``evaluate_models`` alone after a new
     distillation. ``export_onnx`` is outside the default run: it needs the optional ``onnx`` extra.
+    ``import_teacher`` (also outside it) writes an official I2SB/DDBM checkpoint as ``teacher_model``,
+    in place of the ``teacher`` pipeline.
     """
     pipelines = {
         "degrade": degrade.create_pipeline(),
@@ -26,4 +28,5 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipelines["evaluate_reference"] = evaluate.create_reference_pipeline()
     pipelines["evaluate_models"] = evaluate.create_models_pipeline()
     pipelines["export_onnx"] = export.create_onnx_pipeline()
+    pipelines["import_teacher"] = import_teacher.create_pipeline()
     return pipelines

@@ -67,7 +67,9 @@ def test_pair_bundles_are_deterministic_and_complete():
             *("clean", "corrupted", "mask", "labels"),
             *("task", "class_names", "image_size", "channels", "split"),
         }
-        assert bundle["task"] == {"kind": "inpaint_center", "jpeg_quality": 10, "sketch_sigma": 1.0}
+        assert bundle["task"] == {
+            "kind": "inpaint_center", "jpeg_quality": 10, "sketch_sigma": 1.0, "operators": "project"
+        }
         assert bundle["image_size"] == 32 and bundle["channels"] == 1 and len(bundle["class_names"]) == 10
         for key in ("clean", "corrupted", "mask", "labels"):
             assert torch.equal(bundle[key], second[split][key])

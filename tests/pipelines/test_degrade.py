@@ -131,7 +131,9 @@ def test_kedro_run_env_test_writes_versioned_outputs(degrade_run):
     sizes = {name: len(load(files[name])["clean"]) for name in ("pairs_train", "pairs_val", "pairs_test")}
     assert sizes == {"pairs_train": 255, "pairs_val": 15, "pairs_test": 30}  # conf/test: max_images 300
     pairs_train, corrupted_train = load(files["pairs_train"]), load(files["corrupted_train"])
-    assert pairs_train["task"] == {"kind": "sr4x_bicubic", "jpeg_quality": 10, "sketch_sigma": 1.0}
+    assert pairs_train["task"] == {
+        "kind": "sr4x_bicubic", "jpeg_quality": 10, "sketch_sigma": 1.0, "operators": "project"
+    }
     assert pairs_train["class_names"][0] == "Bear" and pairs_train["clean"].shape[1:] == (1, 32, 32)
     assert "clean" not in corrupted_train and "labels" not in corrupted_train
     assert torch.equal(corrupted_train["corrupted"], pairs_train["corrupted"])

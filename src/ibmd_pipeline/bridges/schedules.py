@@ -49,7 +49,10 @@ class BridgeConfig:
 
     I2SB: ``beta_max`` (peak of the symmetric beta schedule; 0.3 for SR/JPEG, 1.0 for
     inpainting), ``n_timesteps`` (discretisation, even), ``ot_ode`` (deterministic OT-ODE
-    variant: no noise in ``x_t`` nor in the sampler).
+    variant: no noise in ``x_t`` nor in the sampler), ``noise_levels`` (what the network is told
+    about the time: ``step_index`` feeds the step ``j``, as this project's own teachers are
+    trained; ``i2sb`` feeds I2SB's table ``n * linspace(i2sb_t0, i2sb_T, n)[j]``, which its
+    published checkpoints were trained with; ``i2sb_t0``/``i2sb_T`` are I2SB's ``--t0``/``--T``).
 
     DDBM-VP: ``beta_min``, ``beta_d`` (``beta(t) = beta_min + beta_d t``), ``t_min`` (end of the
     sampling grid, T = 1), ``sigma_data`` (std of both data ends for the preconditioning),
@@ -60,6 +63,9 @@ class BridgeConfig:
     beta_max: float = 0.3
     n_timesteps: int = 1000
     ot_ode: bool = False
+    noise_levels: Literal["step_index", "i2sb"] = "step_index"
+    i2sb_t0: float = 1e-4
+    i2sb_T: float = 1.0
     beta_min: float = 0.1
     beta_d: float = 2.0
     t_min: float = 1e-4
@@ -88,6 +94,12 @@ class BridgeConfig:
                 f"scale vanishes at t = T), got {self.cov_xy}")
         require(not (self.ot_ode and self.kind != "i2sb"), sub("ot_ode"),
                 f"the OT-ODE variant exists for kind 'i2sb' only, got kind {self.kind!r}")
+        require(self.noise_levels in ("step_index", "i2sb"), sub("noise_levels"),
+                f"got {self.noise_levels!r}; allowed values: 'step_index', 'i2sb'")
+        require(self.noise_levels == "step_index" or self.kind == "i2sb", sub("noise_levels"),
+                f"'i2sb' noise levels exist for kind 'i2sb' only, got kind {self.kind!r}")
+        require(0.0 <= self.i2sb_t0 < self.i2sb_T, sub("i2sb_t0"),
+                f"must satisfy 0 <= i2sb_t0 < i2sb_T, got {self.i2sb_t0} and {self.i2sb_T}")
 
 
 def make_schedule(config: BridgeConfig) -> BridgeSchedule:
@@ -96,7 +108,14 @@ def make_schedule(config: BridgeConfig) -> BridgeSchedule:
         raise TypeError(f"make_schedule expects a BridgeConfig, got {type(config).__name__}")
     config.validate("bridge")
     if config.kind == "i2sb":
-        return I2SBSchedule(beta_max=config.beta_max, n_timesteps=config.n_timesteps, ot_ode=config.ot_ode)
+        return I2SBSchedule(
+            beta_max=config.beta_max,
+            n_timesteps=config.n_timesteps,
+            ot_ode=config.ot_ode,
+            noise_levels=config.noise_levels,
+            i2sb_t0=config.i2sb_t0,
+            i2sb_T=config.i2sb_T,
+        )
     if config.kind == "ddbm_vp":
         return DDBMVPSchedule(
             beta_min=config.beta_min,
@@ -339,16 +358,39 @@ class I2SBSchedule(BridgeSchedule):
     step ``i`` occupying ``[i/n, (i+1)/n)`` with mass ``beta_i``, so ``s2`` and ``sb2`` are the
     exact, piecewise-linear integrals and any ``t`` works. I2SB's step index ``j`` (its
     ``std_fwd[j]^2`` sums ``beta_0..beta_j``) is ``t = (j + 1) / n``; ``t_min = 1 / n`` is step 0.
+
+    ``noise_levels`` chooses the network's time input ``c_noise`` (see :class:`BridgeConfig`):
+    the step index ``j``, or I2SB's own table (``Runner.__init__`` in NVlabs/I2SB
+    ``i2sb/runner.py``: ``noise_levels = torch.linspace(t0, T, n) * n``, indexed by the step),
+    built here in float32 exactly as there.
     """
 
-    def __init__(self, beta_max: float = 0.3, n_timesteps: int = 1000, ot_ode: bool = False):
+    def __init__(
+        self,
+        beta_max: float = 0.3,
+        n_timesteps: int = 1000,
+        ot_ode: bool = False,
+        noise_levels: str = "step_index",
+        i2sb_t0: float = 1e-4,
+        i2sb_T: float = 1.0,
+    ):
         if n_timesteps < 2 or n_timesteps % 2 or beta_max <= 0:
             raise ValueError(
                 f"I2SB needs an even n_timesteps >= 2 and beta_max > 0, got {n_timesteps}, {beta_max}"
             )
+        if noise_levels not in ("step_index", "i2sb"):
+            raise ValueError(f"noise_levels must be 'step_index' or 'i2sb', got {noise_levels!r}")
         self.beta_max = float(beta_max)
         self.n_timesteps = int(n_timesteps)
         self.ot_ode = bool(ot_ode)
+        self.noise_levels = noise_levels
+        self.i2sb_t0 = float(i2sb_t0)
+        self.i2sb_T = float(i2sb_T)
+        # I2SB's float32 table, kept in float64 (exactly the same values) for interpolation.
+        self._level_table = (
+            torch.linspace(self.i2sb_t0, self.i2sb_T, self.n_timesteps, dtype=torch.float32)
+            * self.n_timesteps
+        ).to(torch.float64)
         self.T = 1.0
         self.t_min = 1.0 / self.n_timesteps
         betas = i2sb_betas(self.beta_max, self.n_timesteps)
@@ -361,7 +403,13 @@ class I2SBSchedule(BridgeSchedule):
         self._tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
-        return f"I2SBSchedule(beta_max={self.beta_max}, n_timesteps={self.n_timesteps}, ot_ode={self.ot_ode})"
+        levels = "" if self.noise_levels == "step_index" else (
+            f", noise_levels='i2sb', i2sb_t0={self.i2sb_t0}, i2sb_T={self.i2sb_T}"
+        )
+        return (
+            f"I2SBSchedule(beta_max={self.beta_max}, n_timesteps={self.n_timesteps}, "
+            f"ot_ode={self.ot_ode}{levels})"
+        )
 
     @property
     def deterministic(self) -> bool:
@@ -441,10 +489,12 @@ class I2SBSchedule(BridgeSchedule):
         return t if device is None else t.to(device)
 
     def grid(self, nfe: int) -> Tensor:
-        """I2SB's ``space_indices``: ``nfe + 1`` step indices evenly spread over ``0..n-1``.
+        """I2SB's ``space_indices(n, nfe + 1)``: ``nfe + 1`` step indices evenly spread over ``0..n-1``.
 
-        Returned as times ``(j + 1) / n`` from ``T = 1`` down to ``t_min = 1 / n``. Rounding is
-        half-up so the steps stay distinct; ``nfe`` may not exceed ``n - 1``.
+        Returned as times ``(j + 1) / n`` from ``T = 1`` down to ``t_min = 1 / n``. The indices are
+        I2SB's own (``i2sb/util.py``: a float stride ``(n - 1) / nfe`` accumulated and rounded
+        with Python's ``round``, half to even), so a sampler visits exactly the steps I2SB's
+        ``ddpm_sampling`` visits; ``nfe`` may not exceed ``n - 1``.
         """
         self._check_nfe(nfe)
         if nfe > self.n_timesteps - 1:
@@ -452,24 +502,48 @@ class I2SBSchedule(BridgeSchedule):
                 f"nfe must be at most n_timesteps - 1 = {self.n_timesteps - 1} for this I2SB "
                 f"schedule, got {nfe}"
             )
-        steps = torch.floor(torch.linspace(0, self.n_timesteps - 1, nfe + 1, dtype=torch.float64) + 0.5)
-        return ((steps + 1) / self.n_timesteps).flip(0)
+        stride, position, steps = (self.n_timesteps - 1) / nfe, 0.0, []
+        for _ in range(nfe + 1):
+            steps.append(round(position))
+            position += stride
+        return ((torch.tensor(steps, dtype=torch.float64) + 1) / self.n_timesteps).flip(0)
 
     def step_index(self, t: Tensor | float) -> Tensor:
         """I2SB's (continuous) step index ``j = n t - 1``: ``t_min`` is step 0, ``T`` is step ``n - 1``."""
         t = _as_time(t)
         return (t.to(torch.float64) * self.n_timesteps - 1.0).to(_out_dtype(t))
 
+    def network_noise_level(self, t: Tensor | float) -> Tensor:
+        """float64 ``c_noise`` at ``t``: the step index, or I2SB's table at that step.
+
+        Table lookups snap a step index within 1e-3 of an integer to it (float32 times such as
+        ``(j + 1) / n`` are off by ~1e-5 steps), so the network sees exactly I2SB's float32
+        value there; between steps the table is interpolated linearly.
+        """
+        step = self.step_index(_as_time(t).to(torch.float64))
+        if self.noise_levels == "step_index":
+            return step
+        table = self._level_table.to(step.device)
+        nearest = step.round()
+        step = torch.where((step - nearest).abs() < 1e-3, nearest, step).clamp(0, self.n_timesteps - 1)
+        index = step.floor().clamp(max=self.n_timesteps - 2)
+        frac = step - index
+        index = index.long()
+        return table[index] + frac * (table[index + 1] - table[index])
+
     def preconditioning(self, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """I2SB: the network predicts ``(x_t - x0) / std_fwd``, so ``x0 = x_t - sigma_t F``.
 
-        ``c_skip = 1``, ``c_out = -sigma_t``, ``c_in = 1``, ``c_noise`` = the step index ``n t - 1``.
+        ``c_skip = 1``, ``c_out = -sigma_t``, ``c_in = 1``, ``c_noise`` = the step index ``n t - 1``
+        or I2SB's noise level of that step (``noise_levels``).
         """
         t = _as_time(t)
         s2, _ = self.s2_sb2(t)
         dtype = _out_dtype(t)
         ones = torch.ones_like(s2)
-        return ones.to(dtype), (-s2.sqrt()).to(dtype), ones.to(dtype), self.step_index(t).to(s2.device)
+        # The step index stays in t's own dtype; I2SB's table values are float32 numbers in float64.
+        c_noise = self.step_index(t) if self.noise_levels == "step_index" else self.network_noise_level(t)
+        return ones.to(dtype), (-s2.sqrt()).to(dtype), ones.to(dtype), c_noise.to(s2.device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ from typing import Literal
 
 from ibmd_pipeline.engine.config import require
 
-DataSource = Literal["embedded", "folder", "paired_ab", "paired_folders"]
-PAIRED_SOURCES: tuple[str, ...] = ("paired_ab", "paired_folders")
+DataSource = Literal["embedded", "folder", "paired_ab", "paired_folders", "paired_suffix"]
+PAIRED_SOURCES: tuple[str, ...] = ("paired_ab", "paired_folders", "paired_suffix")
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,21 @@ class DataConfig:
         B right); ``direction`` says which half is the corrupted source.
         ``paired_folders``: clean images under ``path``, corrupted ones under
         ``corrupted_path``, matched by relative path without the file extension.
-    path: the image folder (``folder``, ``paired_ab``) or the clean-image folder (``paired_folders``).
+        ``paired_suffix``: both in one folder, the corrupted partner of ``name.png`` being
+        ``name<corrupted_suffix>.png`` (DDBM's preprocessed DIODE: ``x.png`` and ``x_normal.png``);
+        files that are neither are ignored with a warning.
+    path: the image folder (``folder``, ``paired_ab``, ``paired_suffix``) or the clean-image folder
+        (``paired_folders``).
     corrupted_path: the corrupted-image folder (``paired_folders`` only).
     direction: ``a_to_b`` = A (left half) is corrupted, B (right half) is clean; ``b_to_a`` swaps them.
-    image_size: side of the square images, in pixels. Folder images are resized (shorter side) and
-        centre-cropped to it.
+    corrupted_suffix: ``paired_suffix`` only: what the corrupted partner's name adds to the stem.
+    image_size: side of the square images, in pixels. Folder images are brought to it as ``resize`` says.
+    resize: ``fit_bicubic`` (shorter side to ``image_size`` and centre crop, bicubic), ``i2sb``
+        (I2SB's ImageNet transform: torchvision ``Resize(image_size)``, bilinear with antialias,
+        then ``CenterCrop``), ``ddbm`` (DDBM's: each image squeezed to ``image_size`` square,
+        bicubic, aspect not kept).
+    corrupted_resample: how the corrupted side of a pair is resampled: ``same`` as the clean side,
+        or ``nearest`` (DDBM's DIODE normal maps).
     channels: 1 (grayscale) or 3 (RGB); images are converted on load.
     val_fraction, test_fraction: shares of the images held out for validation and test (each
         split gets at least one image); the rest is the training split.
@@ -41,12 +51,15 @@ class DataConfig:
     path: str | None = None
     corrupted_path: str | None = None
     direction: Literal["a_to_b", "b_to_a"] = "a_to_b"
+    corrupted_suffix: str = "_normal"
     image_size: int = 32
     channels: Literal[1, 3] = 1
     val_fraction: float = 0.05
     test_fraction: float = 0.1
     max_images: int | None = None
     small_images: Literal["upscale", "error"] = "upscale"
+    resize: Literal["fit_bicubic", "i2sb", "ddbm"] = "fit_bicubic"
+    corrupted_resample: Literal["same", "nearest"] = "same"
 
     def validate(self, key: str) -> None:
         prefix = f"{key}." if key else ""
@@ -88,6 +101,13 @@ class DataConfig:
                 self.corrupted_path is None,
                 f"{prefix}corrupted_path",
                 f"is only used by source 'paired_folders', got it with source '{self.source}'",
+            )
+
+        if self.source == "paired_suffix":
+            require(
+                bool(self.corrupted_suffix) and "/" not in self.corrupted_suffix,
+                f"{prefix}corrupted_suffix",
+                f"must be a non-empty name ending such as '_normal', got {self.corrupted_suffix!r}",
             )
 
     @property

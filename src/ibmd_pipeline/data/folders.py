@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
 from ibmd_pipeline.data.config import DataConfig
@@ -91,6 +92,20 @@ def _split_ab(image: Image.Image) -> tuple[Image.Image, Image.Image]:
     return image.crop((0, 0, half, height)), image.crop((half, 0, width, height))
 
 
+def fit_image(image: Image.Image, size: int, resize: str, nearest: bool = False) -> np.ndarray:
+    """``image`` as a ``size`` x ``size`` array, the way ``data.resize`` says (see :class:`DataConfig`).
+
+    ``nearest`` resamples with the nearest neighbour instead (DDBM's normal maps).
+    """
+    if resize == "i2sb":  # torchvision Resize(size) + CenterCrop(size), as I2SB's ImageNet loader
+        method = TF.InterpolationMode.NEAREST if nearest else TF.InterpolationMode.BILINEAR
+        return np.asarray(TF.center_crop(TF.resize(image, size, interpolation=method), size))
+    method = Image.Resampling.NEAREST if nearest else Image.Resampling.BICUBIC
+    if resize == "ddbm":  # PIL resize to a square, as DDBM's datasets/aligned_dataset.py
+        return np.asarray(image.resize((size, size), method))
+    return np.asarray(ImageOps.fit(image, (size, size), method=method))
+
+
 def _decode(items: list[_Item], config: DataConfig, root: Path) -> ImageSet:
     """Decode, check and resize ``items``; skip unreadable ones with a single warning."""
     mode = "L" if config.channels == 1 else "RGB"
@@ -117,8 +132,10 @@ def _decode(items: list[_Item], config: DataConfig, root: Path) -> ImageSet:
                     f"data.image_size={size}; set data.small_images: upscale to enlarge such images"
                 )
             small.append(item.name)
+        nearest_partner = config.corrupted_resample == "nearest"
         fitted = [
-            np.asarray(ImageOps.fit(view, (size, size), method=Image.Resampling.BICUBIC)) for view in views
+            fit_image(view, size, config.resize, nearest=index == 1 and nearest_partner)
+            for index, view in enumerate(views)
         ]
         clean.append(fitted[0])
         if partner is not None:
@@ -201,6 +218,37 @@ def _paired_items(config: DataConfig) -> tuple[list[_Item], Path]:
     return items, clean_root
 
 
+def _suffix_items(config: DataConfig) -> tuple[list[_Item], Path]:
+    """``paired_suffix``: ``name.ext`` and its corrupted partner ``name<suffix>.ext`` in one folder."""
+    assert config.path is not None
+    root = check_folder(config.path, "data.path")
+    files = list_files(root, "data.path")
+    by_stem = {PurePosixPath(name).with_suffix("").as_posix(): path for name, path in files.items()}
+    suffix = config.corrupted_suffix
+    partners = {stem[: -len(suffix)]: path for stem, path in by_stem.items() if stem.endswith(suffix)}
+    items = [
+        _Item(
+            name=by_stem[stem].relative_to(root).as_posix(), path=by_stem[stem], corrupted_path=partners[stem]
+        )
+        for stem in sorted(partners)
+        if stem in by_stem
+    ]
+    if not items:
+        raise DataError(
+            f"no image under '{root}' has a partner named '<name>{suffix}' (data.corrupted_suffix)"
+        )
+    used = {item.path for item in items} | {item.corrupted_path for item in items}
+    ignored = sorted(name for name, path in files.items() if path not in used)
+    if ignored:
+        warnings.warn(
+            f"ignored {len(ignored)} files under '{root}' that are neither an image with a '{suffix}' "
+            f"partner nor such a partner: {_few(ignored)}",
+            DataWarning,
+            stacklevel=3,
+        )
+    return items, root
+
+
 def check_sources(config: DataConfig) -> None:
     """Cheap checks of the configured folders (they exist), before anything is loaded."""
     if config.path is not None:
@@ -213,6 +261,8 @@ def load_folder_images(config: DataConfig, seed: int) -> ImageSet:
     """Images of a ``folder``, ``paired_ab`` or ``paired_folders`` source (see :class:`DataConfig`)."""
     if config.source == "paired_folders":
         items, root = _paired_items(config)
+    elif config.source == "paired_suffix":
+        items, root = _suffix_items(config)
     elif config.source in ("folder", "paired_ab"):
         assert config.path is not None
         root = check_folder(config.path, "data.path")

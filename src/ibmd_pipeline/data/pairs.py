@@ -53,10 +53,16 @@ def check_data_and_task(data: DataConfig, task: TaskConfig) -> None:
     if task.kind == "paired" and not data.paired:
         raise ConfigError(
             "data.source",
-            f"task.kind 'paired' needs a paired source; allowed values: 'paired_ab', 'paired_folders'; "
+            "task.kind 'paired' needs a paired source; allowed values: 'paired_ab', 'paired_folders', "
+            f"'paired_suffix'; "
             f"got '{data.source}'",
         )
     check_image_size(task, data.image_size)
+    if task.kind == "jpeg" and task.operators == "i2sb" and data.channels != 3:
+        raise ConfigError(
+            "task.operators",
+            f"I2SB's JPEG codes RGB images (data.channels: 3), got data.channels={data.channels}",
+        )
     check_sources(data)
 
 

@@ -19,6 +19,8 @@ SYNTHETIC_TASKS: tuple[str, ...] = ("sr4x_pool", "sr4x_bicubic", "jpeg", "inpain
 SUPER_RESOLUTION_TASKS: tuple[str, ...] = ("sr4x_pool", "sr4x_bicubic")
 #: The super-resolution factor of the paper's "4x SR" tasks.
 SR_FACTOR = 4
+#: Tasks for which I2SB's own operators exist (``task.operators: i2sb``).
+I2SB_OPERATOR_TASKS: tuple[str, ...] = ("sr4x_pool", "sr4x_bicubic", "jpeg", "inpaint_center")
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,17 @@ class TaskConfig:
     jpeg_quality: JPEG quality factor in [1, 95] (used by ``jpeg`` only).
     sketch_sigma: width in pixels of the Gaussian that Canny smooths with (``sketch`` only);
         larger values keep only the coarse outline.
+    operators: whose implementation of the degradation: ``project`` (PIL-like antialiased
+        bicubic with the low-resolution image clipped, libjpeg, the centred half-side square)
+        or ``i2sb`` (I2SB's own operators, ``degradations/i2sb.py``: DDRM's bicubic matrix and
+        differentiable JPEG, unclipped; for the students of imported I2SB teachers). ``i2sb``
+        exists for the SR, JPEG and center-inpainting tasks; its JPEG needs RGB images.
     """
 
     kind: TaskKind = "sr4x_bicubic"
     jpeg_quality: int = 10
     sketch_sigma: float = 1.0
+    operators: Literal["project", "i2sb"] = "project"
 
     def validate(self, key: str) -> None:
         prefix = f"{key}." if key else ""
@@ -57,6 +65,11 @@ class TaskConfig:
             f"{prefix}sketch_sigma",
             f"must be in (0, 10], got {self.sketch_sigma}",
         )
+        require(
+            self.operators == "project" or self.kind in I2SB_OPERATOR_TASKS,
+            f"{prefix}operators",
+            f"'i2sb' exists for task.kind {', '.join(I2SB_OPERATOR_TASKS)}; got kind '{self.kind}'",
+        )
 
     @property
     def has_mask(self) -> bool:
@@ -66,6 +79,12 @@ class TaskConfig:
 
 def check_image_size(task: TaskConfig, image_size: int, key: str = "data.image_size") -> None:
     """Raise :class:`ConfigError` naming ``key`` if ``image_size`` cannot carry ``task``."""
+    if task.kind == "jpeg" and task.operators == "i2sb" and image_size % 16:
+        raise ConfigError(
+            key,
+            f"I2SB's JPEG (task.operators: i2sb) codes 16x16 macroblocks, so the image size must be "
+            f"divisible by 16; got {image_size}",
+        )
     if task.kind in SUPER_RESOLUTION_TASKS and image_size % SR_FACTOR != 0:
         raise ConfigError(
             key,

@@ -18,6 +18,7 @@ from PIL import Image
 from skimage.feature import canny
 
 from ibmd_pipeline.degradations.config import SR_FACTOR, SUPER_RESOLUTION_TASKS, TaskConfig
+from ibmd_pipeline.degradations.i2sb import i2sb_center_mask, i2sb_jpeg, i2sb_sr4x_bicubic
 
 
 @dataclass(frozen=True)
@@ -100,14 +101,19 @@ def center_mask(
     return mask
 
 
-def inpaint_center(x: torch.Tensor, generator: torch.Generator | None = None) -> Degraded:
+def inpaint_center(
+    x: torch.Tensor, generator: torch.Generator | None = None, operators: str = "project"
+) -> Degraded:
     """Remove the central square and fill it with N(0, 1) noise (method doc, section 1).
 
     The noise makes xT a sample rather than a constant inside the hole, which is what an I2SB
     bridge expects at t = T; the returned ``mask`` tells losses and samplers where it is.
+    ``operators="i2sb"`` uses I2SB's mask placement (the same square when the side is a
+    multiple of 4).
     """
     _check_batch(x)
-    mask = center_mask(x.shape[0], x.shape[2], x.shape[3], device=x.device)
+    make_mask = i2sb_center_mask if operators == "i2sb" else center_mask
+    mask = make_mask(x.shape[0], x.shape[2], x.shape[3], device=x.device)
     noise = torch.randn(x.shape, generator=generator, device="cpu", dtype=x.dtype).to(x.device)
     return Degraded(corrupted=x * (1.0 - mask) + noise * mask, mask=mask)
 
@@ -126,7 +132,10 @@ def sketch_edges(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
 
 
 def degrade(x: torch.Tensor, task: TaskConfig, generator: torch.Generator | None = None) -> Degraded:
-    """Apply ``task``'s degradation to the clean batch ``x`` (float, ``[-1, 1]``, NCHW)."""
+    """Apply ``task``'s degradation to the clean batch ``x`` (float, ``[-1, 1]``, NCHW).
+
+    ``task.operators`` picks this project's implementation or I2SB's (``degradations/i2sb.py``).
+    """
     _check_batch(x)
     if task.kind in SUPER_RESOLUTION_TASKS and (x.shape[-1] % SR_FACTOR or x.shape[-2] % SR_FACTOR):
         raise ValueError(
@@ -134,12 +143,13 @@ def degrade(x: torch.Tensor, task: TaskConfig, generator: torch.Generator | None
         )
     if task.kind == "sr4x_pool":
         return Degraded(sr4x_pool(x))
+    i2sb = task.operators == "i2sb"
     if task.kind == "sr4x_bicubic":
-        return Degraded(sr4x_bicubic(x))
+        return Degraded(i2sb_sr4x_bicubic(x) if i2sb else sr4x_bicubic(x))
     if task.kind == "jpeg":
-        return Degraded(jpeg_compress(x, task.jpeg_quality))
+        return Degraded(i2sb_jpeg(x, task.jpeg_quality) if i2sb else jpeg_compress(x, task.jpeg_quality))
     if task.kind == "inpaint_center":
-        return inpaint_center(x, generator)
+        return inpaint_center(x, generator, task.operators)
     if task.kind == "sketch":
         return Degraded(sketch_edges(x, task.sketch_sigma))
     raise ValueError(

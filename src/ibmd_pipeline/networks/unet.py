@@ -222,12 +222,15 @@ def noise_level_embedding(noise_level: Tensor, dim: int, max_period: float = 10_
 
     The geometric frequency ladder resolves noise levels of any scale, from EDM's
     ``c_noise = ln(sigma)/4`` (order 1) to I2SB's step index (up to 1000). Computed in float32
-    even under autocast: in bfloat16, ``c * f`` for c ~ 1000 would lose the low digits.
+    even under autocast: in bfloat16, ``c * f`` for c ~ 1000 would lose the low digits. The
+    frequencies are rounded in ADM's order (guided-diffusion ``nn.timestep_embedding``), so an
+    imported ADM network sees exactly its own embedding; when ``dim / 2`` is a power of two
+    (every preset) the division is exact and the order makes no difference.
     """
     half = dim // 2
     with torch.autocast(noise_level.device.type, enabled=False):
-        exponent = torch.arange(half, device=noise_level.device, dtype=torch.float32) / half
-        freqs = torch.exp(-math.log(max_period) * exponent)
+        ladder = torch.arange(half, device=noise_level.device, dtype=torch.float32)
+        freqs = torch.exp(-math.log(max_period) * ladder / half)
         args = noise_level.float()[:, None] * freqs[None, :]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
         if dim % 2:
