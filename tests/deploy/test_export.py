@@ -149,6 +149,7 @@ def test_the_exported_file_runs_without_this_package(tmp_path, student_checkpoin
         import sys
         sys.modules["ibmd_pipeline"] = None  # any import of the package fails
         import torch
+        torch.set_num_threads({torch.get_num_threads()})  # as here: the thread count sets reduction orders
         model = torch.jit.load({str(path)!r})
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
         torch.save(model(inputs["xT"], inputs["z"], None, inputs["step_noise"]), {str(tmp_path / "out.pt")!r})
