@@ -1,4 +1,4 @@
-"""Samplers driven by oracle and exact Gaussian x0-predictors."""
+"""The posterior chain and the samplers on it, driven by oracle and exact Gaussian x0-predictors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ibmd_pipeline.bridges.samplers import sample, step_coefficients
+from ibmd_pipeline.bridges.samplers import ChainStep, chain_steps, posterior_chain, sample
 from ibmd_pipeline.bridges.schedules import BridgeConfig, make_schedule
 
 SCHEDULES = {
@@ -179,7 +179,7 @@ def test_ot_ode_sampler_adds_no_noise():
     ]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
-    assert all(step.noise_std == 0.0 for step in step_coefficients(schedule, schedule.grid(7), "ancestral"))
+    assert all(step.noise_std == 0.0 for step in chain_steps(schedule, schedule.grid(7), "ancestral"))
 
 
 def test_extra_input_reaches_the_predictor_and_grad_is_off_by_default():
@@ -208,3 +208,70 @@ def test_bad_nfe_is_rejected(schedule, bad):
 def test_unknown_mode_is_rejected(schedule):
     with pytest.raises(ValueError, match="mode"):
         sample(lambda x_t, t, xT=None: x_t, torch.zeros(1, 1, 2, 2), schedule, 3, mode="heun")  # type: ignore
+
+
+# ---------------------------------------------------------------------------------------------
+# the chain itself
+
+
+def test_chain_applies_each_step_to_the_state_the_prediction_and_xT():
+    xT = torch.randn(2, 1, 3, 3)
+    noise = torch.randn(1, 2, 1, 3, 3)
+    steps = [ChainStep(0.5, 0.25, 0.0, 0.0), ChainStep(0.0, 0.5, 2.0, 0.125)]
+    seen = []
+
+    def predict(x_t, k):
+        seen.append((k, x_t))
+        return x_t + k
+
+    out = posterior_chain(predict, xT, steps, step_noise=[None, noise[0]])
+    x1 = 0.5 * xT + 0.25 * xT
+    x2 = 0.5 * (x1 + 1) + 2.0 * xT + 0.125 * noise[0]
+    assert [k for k, _ in seen] == [0, 1, 2]
+    assert torch.equal(seen[1][1], x1) and torch.equal(seen[2][1], x2)
+    assert torch.equal(out, x2 + 2)  # the last prediction is the result
+
+
+def test_chain_noise_comes_from_step_noise_or_the_generator_and_only_where_a_step_takes_it():
+    xT = torch.zeros(2, 1, 2, 2)
+    steps = [ChainStep(1.0, 0.0, 0.0, 0.0), ChainStep(1.0, 0.0, 0.0, 1.0)]
+    given = [torch.full_like(xT, 7.0), torch.full_like(xT, 3.0)]  # the first is never read
+    assert torch.equal(posterior_chain(lambda x, k: x, xT, steps, step_noise=given), given[1])
+    drawn = posterior_chain(lambda x, k: x, xT, steps, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(drawn, torch.randn(xT.shape, generator=torch.Generator().manual_seed(4)))
+
+
+def test_chain_without_grad_through_the_chain_records_only_the_last_evaluation():
+    scale = nn.Parameter(torch.tensor(2.0))
+    modes = []
+
+    def predict(x_t, k):
+        modes.append(torch.is_grad_enabled())
+        return scale * x_t
+
+    steps = [ChainStep(0.0, 1.0, 0.0, 0.0)] * 2
+    out = posterior_chain(predict, torch.ones(1, 1, 1, 1), steps, grad_through_chain=False)
+    out.sum().backward()
+    assert modes == [False, False, True]
+    assert scale.grad.item() == pytest.approx(4.0)  # d(scale * 4)/d scale: the input is a constant 4
+    modes.clear()
+    scale.grad = None
+    posterior_chain(predict, torch.ones(1, 1, 1, 1), steps).sum().backward()
+    assert modes == [True] * 3 and scale.grad.item() == pytest.approx(3 * 2.0**2)
+
+
+def test_chain_pastes_known_pixels_before_each_step_and_reports_every_prediction():
+    xT = torch.arange(4.0).view(1, 1, 2, 2)
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    reported = []
+    out = posterior_chain(
+        lambda x, k: torch.full_like(x, -1.0),
+        xT,
+        [ChainStep(0.0, 1.0, 0.0, 0.0)],
+        mask=mask,
+        on_prediction=lambda x_t, x0_hat: reported.append((x_t, x0_hat)),
+    )
+    expected = torch.tensor([[[[-1.0, 1.0], [2.0, -1.0]]]])
+    assert torch.equal(out, expected)
+    assert len(reported) == 2 and torch.equal(reported[0][0], xT) and torch.equal(reported[1][0], expected)
+    assert all(torch.equal(x0_hat, expected) for _, x0_hat in reported)

@@ -127,25 +127,37 @@ def test_coefficients_equal_the_snr_formula(schedule):
         np.testing.assert_allclose(value.numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
-def test_i2sb_closed_form_equals_the_general_formula():
-    schedule = I2SBSchedule(beta_max=0.3)
-    t = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
-    closed = schedule.coefficients(t)
-    general = schedule.general_coefficients(t)
-    for x, y in zip(closed, general, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-15)
+def test_i2sb_coefficients_are_its_gaussian_product_operation_for_operation():
+    """With alpha = 1 the general formula does I2SB's own arithmetic (compute_gaussian_product_coef),
+    so its bits are I2SB's: compared with no tolerance."""
+    for beta_max in (0.3, 1.0):
+        schedule = I2SBSchedule(beta_max=beta_max)
+        t = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
+        s2, sb2 = schedule.s2_sb2(t)
+        denom = s2 + sb2
+        expected = (s2 / denom, sb2 / denom, (s2 * sb2 / denom).sqrt())
+        for got, want in zip(schedule.coefficients(t), expected, strict=True):
+            assert torch.equal(got, want)
+        t32 = (torch.arange(1000) + 1).to(torch.float32) / 1000  # every training time
+        s2, sb2 = schedule.s2_sb2(t32)
+        denom = s2 + sb2
+        expected = (s2 / denom, sb2 / denom, (s2 * sb2 / denom).sqrt())
+        for got, want in zip(schedule.coefficients(t32), expected, strict=True):
+            assert torch.equal(got, want.float())
     # and the I2SB weights are a convex combination (alpha = 1)
-    torch.testing.assert_close(closed[0] + closed[1], torch.ones_like(t), rtol=0, atol=1e-14)
+    a, b, _ = schedule.coefficients(t)
+    torch.testing.assert_close(a + b, torch.ones_like(t), rtol=0, atol=1e-14)
 
 
-def test_i2sb_posterior_closed_form_equals_the_general_posterior():
+def test_i2sb_posterior_is_its_p_posterior_operation_for_operation():
     schedule = I2SBSchedule(beta_max=1.0)
     t = torch.linspace(0.01, 1.0, 200, dtype=torch.float64)
     s = t * torch.linspace(0.0, 0.99, 200, dtype=torch.float64)
-    closed = schedule.posterior_coefficients(t, s)
-    general = schedule.general_posterior_coefficients(t, s)
-    for x, y in zip(closed, general, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-15)
+    s2_t, s2_s = schedule.s2_sb2(t)[0], schedule.s2_sb2(s)[0]
+    delta = (s2_t - s2_s).clamp_min(0.0)
+    expected = (delta / s2_t, s2_s / s2_t, (s2_s * delta / s2_t).sqrt())
+    for got, want in zip(schedule.posterior_coefficients(t, s), expected, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_boundaries_pin_x0_and_xT(schedule):

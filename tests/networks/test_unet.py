@@ -143,6 +143,16 @@ def test_noise_level_embedding_values_and_precision():
     assert noise_level_embedding(t, 7).shape == (2, 7)
 
 
+def test_forward_from_an_embedding_is_the_forward_after_the_noise_level_embedding():
+    """The method an export traces runs the same layers on the same numbers as forward."""
+    net = randomised(UNet(tiny(in_channels=2)))
+    x = torch.randn(3, 2, 32, 32, generator=torch.Generator().manual_seed(1))
+    level = torch.tensor([0.5, 10.0, 999.0])
+    embedding = noise_level_embedding(level, net.config.model_channels)
+    with torch.no_grad():
+        assert torch.equal(net.forward_from_embedding(x, embedding), net(x, level))
+
+
 def test_noise_level_changes_output_and_scalar_broadcasts():
     net = randomised(UNet(tiny()))
     x = torch.randn(3, 1, 32, 32)

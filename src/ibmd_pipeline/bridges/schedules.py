@@ -191,11 +191,6 @@ class BridgeSchedule(ABC):
         """``alpha`` at the pinned end ``t = T``."""
         return float(self._alpha_rho2(torch.tensor(self.T, dtype=torch.float64))[0])
 
-    @property
-    def rho2_T(self) -> float:
-        """``rho_T^2 = sigma_T^2 / alpha_T^2 = 1 / SNR_T``."""
-        return float(self._alpha_rho2(torch.tensor(self.T, dtype=torch.float64))[1])
-
     def alpha(self, t: Tensor | float) -> Tensor:
         """Signal scale of the prior ``q(x_t | x0) = N(alpha_t x0, sigma_t^2 I)``."""
         alpha, _, _, dtype = self._prior64(t)
@@ -208,26 +203,26 @@ class BridgeSchedule(ABC):
 
     # -- the bridge --------------------------------------------------------------------------
 
-    def general_coefficients(self, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
-        """Method doc section 1 general formula: ``(a_t, b_t, c_t)`` with ``x_t = a xT + b x0 + c eps``.
-
-        With ``SNR_T / SNR_t = rho_t^2 / rho_T^2`` and ``1 - SNR_T / SNR_t = rhobar_t^2 / rho_T^2``.
-        Ignores :attr:`deterministic` (``c_t`` is the stochastic bridge std).
-        """
-        alpha, rho2, rho2_bar, dtype = self._prior64(t)
-        rho2_T = self.rho2_T
-        a = alpha / self.alpha_T * rho2 / rho2_T
-        b = alpha * rho2_bar / rho2_T
-        c = alpha * (rho2 * rho2_bar / rho2_T).clamp_min(0.0).sqrt()
-        return a.to(dtype), b.to(dtype), c.to(dtype)
-
     def coefficients(self, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """``(a_t, b_t, c_t)`` of the bridge marginal ``x_t = a_t xT + b_t x0 + c_t eps``.
 
+        Method doc section 1, with ``SNR_T / SNR_t = rho_t^2 / rho_T^2`` and
+        ``1 - SNR_T / SNR_t = rhobar_t^2 / rho_T^2``. ``rho_T^2`` is summed at ``t`` as
+        ``rho_t^2 + rhobar_t^2``, so ``a_t`` and ``b_t`` share one denominator: for I2SB
+        (``alpha = 1``) this is its Gaussian product, operation for operation,
+        ``x_t = sb2/(s2+sb2) x0 + s2/(s2+sb2) xT + sqrt(s2 sb2/(s2+sb2)) eps``
+        (``compute_gaussian_product_coef``), whose ``a_t + b_t`` is 1 to rounding.
         ``c_t`` is zero for a deterministic (OT-ODE) schedule.
         """
-        a, b, c = self.general_coefficients(t)
-        return (a, b, torch.zeros_like(c)) if self.deterministic else (a, b, c)
+        alpha, rho2, rho2_bar, dtype = self._prior64(t)
+        rho2_T = rho2 + rho2_bar
+        a = alpha / self.alpha_T * rho2 / rho2_T
+        b = alpha * rho2_bar / rho2_T
+        if self.deterministic:
+            c = torch.zeros_like(rho2)
+        else:
+            c = alpha * (rho2 * rho2_bar / rho2_T).clamp_min(0.0).sqrt()
+        return a.to(dtype), b.to(dtype), c.to(dtype)
 
     def sample_marginal(
         self,
@@ -252,15 +247,15 @@ class BridgeSchedule(ABC):
 
     # -- the reverse step --------------------------------------------------------------------
 
-    def general_posterior_coefficients(
-        self, t: Tensor | float, s: Tensor | float
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def posterior_coefficients(self, t: Tensor | float, s: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """``(coef_x0, coef_xt, std)`` of ``q(x_s | x_t, x0)`` for ``s < t`` (method doc section 1).
 
         mean = alpha_s sigma_{t|s}^2 / sigma_t^2 x0 + alpha_{t|s} sigma_s^2 / sigma_t^2 x_t,
         var = sigma_s^2 sigma_{t|s}^2 / sigma_t^2, with sigma_{t|s}^2 = alpha_t^2 (rho_t^2 - rho_s^2).
         The bridge is the prior conditioned on x_T and is Markov, so this is also the bridge's
-        posterior. ``s = 0`` gives mean ``x0`` and zero variance. Ignores :attr:`deterministic`.
+        posterior; for I2SB it is its ``p_posterior``, ``N((s2_t - s2_s)/s2_t x0 + s2_s/s2_t x_t,
+        s2_s (s2_t - s2_s)/s2_t)``. ``s = 0`` gives mean ``x0`` and zero variance. ``std = 0`` for a
+        deterministic (OT-ODE) schedule.
         """
         t = _as_time(t)
         alpha_t, rho2_t, _, dtype = self._prior64(t)
@@ -268,13 +263,11 @@ class BridgeSchedule(ABC):
         gap = (rho2_t - rho2_s).clamp_min(0.0)
         coef_x0 = alpha_s * gap / rho2_t
         coef_xt = alpha_s / alpha_t * rho2_s / rho2_t
-        std = alpha_s * (rho2_s * gap / rho2_t).sqrt()
+        if self.deterministic:
+            std = torch.zeros_like(gap)
+        else:
+            std = alpha_s * (rho2_s * gap / rho2_t).sqrt()
         return coef_x0.to(dtype), coef_xt.to(dtype), std.to(dtype)
-
-    def posterior_coefficients(self, t: Tensor | float, s: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
-        """``(coef_x0, coef_xt, std)`` of the posterior step ``t -> s``; ``std = 0`` when deterministic."""
-        coef_x0, coef_xt, std = self.general_posterior_coefficients(t, s)
-        return (coef_x0, coef_xt, torch.zeros_like(std)) if self.deterministic else (coef_x0, coef_xt, std)
 
     def posterior_step(
         self,
@@ -363,6 +356,9 @@ class I2SBSchedule(BridgeSchedule):
     the step index ``j``, or I2SB's own table (``Runner.__init__`` in NVlabs/I2SB
     ``i2sb/runner.py``: ``noise_levels = torch.linspace(t0, T, n) * n``, indexed by the step),
     built here in float32 exactly as there.
+
+    With ``alpha = 1`` the general bridge and posterior formulas are I2SB's own Gaussian products
+    (``compute_gaussian_product_coef`` and ``p_posterior``), with the same arithmetic.
     """
 
     def __init__(
@@ -399,7 +395,6 @@ class I2SBSchedule(BridgeSchedule):
         self._betas = betas
         self._s2_knots = torch.cat([zero, betas.cumsum(0)])
         self._sb2_knots = torch.cat([betas.flip(0).cumsum(0).flip(0), zero])
-        self._total = float(self._s2_knots[-1])
         self._tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
@@ -443,38 +438,6 @@ class I2SBSchedule(BridgeSchedule):
     @property
     def alpha_T(self) -> float:
         return 1.0
-
-    @property
-    def rho2_T(self) -> float:
-        return self._total
-
-    def coefficients(self, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
-        """I2SB closed form: ``x_t = sb2/(s2+sb2) x0 + s2/(s2+sb2) xT + sqrt(s2 sb2/(s2+sb2)) eps``.
-
-        (The product of the Gaussians ``N(x0, s2)`` and ``N(xT, sb2)``, I2SB's
-        ``compute_gaussian_product_coef``.) Returns ``(a_t, b_t, c_t)``; ``c_t = 0`` for OT-ODE.
-        """
-        t = _as_time(t)
-        s2, sb2 = self.s2_sb2(t)
-        denom = s2 + sb2
-        a, b = s2 / denom, sb2 / denom
-        c = torch.zeros_like(s2) if self.ot_ode else (s2 * sb2 / denom).sqrt()
-        dtype = _out_dtype(t)
-        return a.to(dtype), b.to(dtype), c.to(dtype)
-
-    def posterior_coefficients(self, t: Tensor | float, s: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
-        """I2SB's ``p_posterior``: ``N((s2_t - s2_s)/s2_t x0 + s2_s/s2_t x_t, s2_s (s2_t - s2_s)/s2_t)``.
-
-        The Gaussian product of ``N(x0, s2_s)`` and ``N(x_t, s2_t - s2_s)``. ``std = 0`` for OT-ODE.
-        """
-        t = _as_time(t)
-        s2_t, _ = self.s2_sb2(t)
-        s2_s, _ = self.s2_sb2(_as_time(s).to(s2_t.device))
-        delta = (s2_t - s2_s).clamp_min(0.0)
-        coef_x0, coef_xt = delta / s2_t, s2_s / s2_t
-        std = torch.zeros_like(delta) if self.ot_ode else (s2_s * delta / s2_t).sqrt()
-        dtype = _out_dtype(t)
-        return coef_x0.to(dtype), coef_xt.to(dtype), std.to(dtype)
 
     def sample_time(
         self,
@@ -600,10 +563,6 @@ class DDBMVPSchedule(BridgeSchedule):
     def alpha_T(self) -> float:
         return math.exp(-0.5 * self._log_growth_T)
 
-    @property
-    def rho2_T(self) -> float:
-        return math.expm1(self._log_growth_T)
-
     def sample_time(
         self,
         batch: int,
@@ -629,7 +588,7 @@ class DDBMVPSchedule(BridgeSchedule):
         ``c_noise = 1000 * 0.25 * log(t)``.
         """
         t = _as_time(t)
-        a, b, c = self.general_coefficients(t.to(torch.float64))
+        a, b, c = self.coefficients(t.to(torch.float64))
         sd2, cov = self.sigma_data**2, self.cov_xy
         var_xt = a * a * sd2 + b * b * sd2 + 2.0 * a * b * cov + c * c
         c_in = var_xt.rsqrt()

@@ -12,10 +12,12 @@ the grid ``t_k = schedule.grid(M)[k]``:
 - the bridge-posterior step ``x_{t_{k+1}} = coef_x0 x0_hat + coef_xt x_t + std eps``
   (method doc section 1, the ancestral step of section 4's multi-step students).
 
-What remains is the UNet trunk (traced: it has no data-dependent control flow) and a short
-loop (scripted), so the file reproduces :meth:`BridgeGenerator.forward` for the same inputs and
-runs on any device it is moved to. All randomness is an input, which makes the model a pure
-function::
+What remains is the UNet after its time embedding (``UNet.forward_from_embedding``) chained by
+the library's posterior chain (``bridges.samplers.posterior_chain``), the loop the eager
+generator runs. Each run length is traced (it has no data-dependent control flow) and a small
+scripted module checks the inputs and picks the run, so the file reproduces
+:meth:`BridgeGenerator.forward` for the same inputs and runs on any device it is moved to. All
+randomness is an input, which makes the model a pure function::
 
     x0 = model(xT, z, mask, step_noise, nfe)
     xT:         (B, C, H, W) in [-1, 1], the corrupted image (for inpainting, hole filled with N(0, 1))
@@ -50,6 +52,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ibmd_pipeline.bridges.samplers import ChainStep, chain_steps, posterior_chain
 from ibmd_pipeline.distill.student import LoadedStudent, student_from_checkpoint
 from ibmd_pipeline.engine.checkpoint import CheckpointError, atomic_write
 from ibmd_pipeline.engine.config import require
@@ -65,7 +68,7 @@ __all__ = [
     "ExportedStudent",
     "StudentGraph",
     "StudentMetadata",
-    "UNetTrunk",
+    "StudentRun",
     "build_student_graph",
     "eager_restore",
     "example_inputs",
@@ -220,90 +223,86 @@ def student_metadata(
 # the exported computation
 
 
-class UNetTrunk(nn.Module):
-    """``UNet.forward`` after the sinusoidal embedding: ``(x, sinusoid) -> out`` through the same layers.
+class StudentRun(nn.Module):
+    """The student's chain for one run length M, with every time-dependent constant precomputed.
 
-    Splitting here leaves the only device-dependent code of the UNet (the embedding's
-    ``arange``) out of the trace; the sinusoids of the fixed step times are precomputed.
+    ``net``: the student's UNet, or its ``forward_from_embedding`` traced (shared by every run);
+    ``precond`` ``(M, 3)``: ``(c_skip, c_out, c_in)`` of step k; ``sinusoid`` ``(M, model_channels)``:
+    the network's embedding of step k's noise level ``c_noise``; ``steps``: the ``M - 1``
+    posterior transitions (:func:`~ibmd_pipeline.bridges.samplers.chain_steps`). The loop is the
+    library's :func:`~ibmd_pipeline.bridges.samplers.posterior_chain`, which a trace unrolls.
+    ``forward(xT, z, mask, step_noise)`` takes every input as a tensor (a traced module has no
+    optional inputs): z is read only when the student has noise, step_noise only by the steps
+    that take noise.
     """
-
-    def __init__(self, net: UNet):
-        super().__init__()
-        self.time_embed = net.time_embed
-        self.input_blocks = net.input_blocks
-        self.middle_block = net.middle_block
-        self.output_blocks = net.output_blocks
-        self.out = net.out
-
-    def forward(self, x: Tensor, sinusoid: Tensor) -> Tensor:
-        emb = self.time_embed(sinusoid)
-        skips = []
-        h = x
-        for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
-
-
-def _first_row(nfe: int) -> int:
-    """Row of step 0 of an ``nfe``-step run in the stacked tables (runs of 1, 2, ... steps in order)."""
-    return nfe * (nfe - 1) // 2
-
-
-class StudentGraph(nn.Module):
-    """The generator's N-step chain with every time-dependent constant precomputed (module docstring).
-
-    Tables, one row per (run length M, step k), ``M = 1..N``: ``precond`` ``(c_skip, c_out, c_in)``,
-    ``posterior`` ``(coef_x0, coef_xt, std)`` (zeros on each run's last step) and ``sinusoid``,
-    the sinusoidal embedding of the step's noise level ``c_noise``. Scriptable with a traced
-    ``trunk``; exportable as is to ONNX.
-    """
-
-    # Plain settings, compiled into the TorchScript code as constants.
-    __constants__ = [
-        "nfe",
-        "channels",
-        "size_multiple",
-        "noise",
-        "conditional",
-        "needs_mask",
-        "deterministic",
-    ]
 
     def __init__(
         self,
-        trunk: nn.Module,
+        net: nn.Module,
         precond: Tensor,
-        posterior: Tensor,
         sinusoid: Tensor,
+        steps: Sequence[ChainStep],
         *,
-        nfe: int,
+        conditional: bool,
+        noise: bool,
+    ):
+        super().__init__()
+        evaluations = len(steps) + 1
+        if precond.shape != (evaluations, 3) or sinusoid.shape[0] != evaluations:
+            raise ValueError(
+                f"a run of {evaluations} steps needs {evaluations} table rows, got {tuple(precond.shape)} "
+                f"and {tuple(sinusoid.shape)}"
+            )
+        self.net = net
+        self.register_buffer("precond", precond.to(torch.float32))
+        self.register_buffer("sinusoid", sinusoid.to(torch.float32))
+        self.steps = list(steps)
+        self.conditional = conditional
+        self.noise = noise
+
+    def forward(self, xT: Tensor, z: Tensor, mask: Tensor, step_noise: Tensor) -> Tensor:
+        def predict(x: Tensor, k: int) -> Tensor:
+            """``G(x_t, z, t_k [, xT])`` with the arithmetic of :class:`X0Predictor`."""
+            c_skip, c_out, c_in = self.precond[k][0], self.precond[k][1], self.precond[k][2]
+            parts = [c_in * x]
+            if self.conditional:
+                parts.append(xT)
+            if self.noise:
+                parts.append(z)
+            # A contiguous batch of equal rows, as the eager UNet embeds a batch of equal times: the
+            # time MLP then runs the same matrix product and gives the same bits.
+            sinusoid = self.sinusoid[k].unsqueeze(0).expand(x.shape[0], -1).contiguous()
+            return c_skip * x + c_out * self.net.forward_from_embedding(torch.cat(parts, dim=1), sinusoid)
+
+        return posterior_chain(predict, xT, self.steps, mask=mask, step_noise=step_noise)
+
+
+class StudentGraph(nn.Module):
+    """The exported student: checks its inputs and runs the :class:`StudentRun` of the asked step count.
+
+    ``runs[M - 1]`` is the M-step run, ``M = 1..N`` (traced for TorchScript). Scriptable with
+    traced runs; exportable as is to ONNX.
+    """
+
+    # Plain settings, compiled into the TorchScript code as constants.
+    __constants__ = ["nfe", "channels", "size_multiple", "noise", "needs_mask", "deterministic"]
+
+    def __init__(
+        self,
+        runs: Sequence[nn.Module],
+        *,
         channels: int,
         size_multiple: int,
         noise: bool,
-        conditional: bool,
         needs_mask: bool,
         deterministic: bool,
     ):
         super().__init__()
-        rows = _first_row(nfe + 1)
-        if precond.shape != (rows, 3) or posterior.shape != (rows, 3) or sinusoid.shape[0] != rows:
-            raise ValueError(
-                f"tables for nfe={nfe} need {rows} rows, got {precond.shape}, {posterior.shape}, "
-                f"{sinusoid.shape}"
-            )
-        self.trunk = trunk
-        self.register_buffer("precond", precond.to(torch.float32))
-        self.register_buffer("posterior", posterior.to(torch.float32))
-        self.register_buffer("sinusoid", sinusoid.to(torch.float32))
-        self.nfe = nfe
+        self.runs = nn.ModuleList(runs)
+        self.nfe = len(runs)
         self.channels = channels
         self.size_multiple = size_multiple
         self.noise = noise
-        self.conditional = conditional
         self.needs_mask = needs_mask
         self.deterministic = deterministic
 
@@ -318,42 +317,17 @@ class StudentGraph(nn.Module):
         """``x0`` from ``xT`` with ``nfe`` (default N) evaluations; all noise is passed in."""
         steps = self.nfe if nfe is None else nfe
         self._check_inputs(xT, z, mask, step_noise, steps)
-        first = _first_row(steps)
-        x = xT
-        x0_hat = xT
-        for k in range(steps):
-            row = first + k
-            x0_hat = self._evaluate(x, xT, z, mask, row)
-            if k + 1 < steps:
-                coef = self.posterior[row]
-                x = coef[0] * x0_hat + coef[1] * x
-                if not self.deterministic and step_noise is not None:
-                    x = x + coef[2] * step_noise[k]
-        return x0_hat
-
-    def _evaluate(
-        self,
-        x: Tensor,
-        xT: Tensor,
-        z: Optional[Tensor],  # noqa: UP045
-        mask: Optional[Tensor],  # noqa: UP045
-        row: int,
-    ) -> Tensor:
-        """One evaluation ``G(x_t, z, t [, xT])`` with the known pixels pasted from ``xT``."""
-        c_skip, c_out, c_in = self.precond[row][0], self.precond[row][1], self.precond[row][2]
-        parts = [c_in * x]
-        if self.conditional:
-            parts.append(xT)
-        if self.noise and z is not None:
-            parts.append(z)
-        # A contiguous batch of equal rows, as the eager UNet embeds a batch of equal times: the
-        # time MLP then runs the same matrix product and gives the same bits.
-        sinusoid = self.sinusoid[row].unsqueeze(0).expand(x.shape[0], -1).contiguous()
-        out = self.trunk(torch.cat(parts, dim=1), sinusoid)
-        x0_hat = c_skip * x + c_out * out
-        if mask is not None:
-            x0_hat = torch.lerp(x0_hat, xT, 1.0 - mask)
-        return x0_hat
+        # The runs take every input as a tensor: one this student does not read is passed empty.
+        # Without a mask every pixel counts as missing, so the known-pixel paste copies nothing and
+        # leaves each prediction as it is.
+        unused = xT.new_empty(0)
+        if mask is None:
+            mask = torch.ones_like(xT[:, :1])
+        x0 = xT
+        for m, run in enumerate(self.runs):
+            if m + 1 == steps:
+                x0 = run(xT, unused if z is None else z, mask, unused if step_noise is None else step_noise)
+        return x0
 
     def _check_inputs(
         self,
@@ -399,38 +373,73 @@ class StudentGraph(nn.Module):
                 )
 
 
-def _step_tables(student: LoadedStudent) -> tuple[Tensor, Tensor, Tensor]:
-    """``(precond, posterior, sinusoid)`` rows for every run length ``M = 1..N`` and step.
+def _student_runs(student: LoadedStudent, net: nn.Module) -> list[StudentRun]:
+    """One :class:`StudentRun` on ``net`` for each run length ``M = 1..N``, on ``schedule.grid(M)``.
 
-    Computed exactly as the eager generator does: the preconditioning from the float32 time
-    batch that :meth:`BridgeGenerator.predict` builds, the posterior coefficients from the
-    grid's float64 times (``schedule.posterior_step``), both cast to float32, the sinusoid by the
-    network's own :func:`noise_level_embedding` (element-wise, so the same for any batch).
+    Computed exactly as the eager generator does: the preconditioning from the float32 time batch
+    that :meth:`BridgeGenerator.forward` builds, cast to float32, the posterior steps by the same
+    :func:`~ibmd_pipeline.bridges.samplers.chain_steps`, the sinusoids by the network's own
+    :func:`noise_level_embedding` (element-wise, so the same for any batch).
     """
     generator, schedule = student.generator, student.schedule
-    net = generator.predictor.net
-    precond, posterior, levels = [], [], []
-    for steps in range(1, generator.nfe + 1):
-        times = schedule.grid(steps).tolist()
-        for k in range(steps):
-            t = torch.full((1,), float(times[k]), dtype=torch.float32)
+    grids = [schedule.grid(steps) for steps in range(1, generator.nfe + 1)]
+    precond, levels = [], []
+    for times in grids:
+        for t_k in times[:-1].tolist():
+            t = torch.full((1,), t_k, dtype=torch.float32)
             c_skip, c_out, c_in, c_noise = schedule.preconditioning(t)
-            precond.append(torch.stack([c_skip[0], c_out[0], c_in[0]]).to(torch.float32))
+            precond.append(torch.cat([c_skip, c_out, c_in]).to(torch.float32))
             levels.append(c_noise.to(torch.float32))
-            if k + 1 < steps:
-                coef_x0, coef_xt, std = schedule.posterior_coefficients(times[k], times[k + 1])
-                posterior.append(torch.stack([coef_x0, coef_xt, std]).to(torch.float32).reshape(3))
-            else:
-                posterior.append(torch.zeros(3))
-    sinusoid = noise_level_embedding(torch.cat(levels), net.config.model_channels)
-    return torch.stack(precond), torch.stack(posterior), sinusoid
+    sinusoids = noise_level_embedding(torch.cat(levels), generator.predictor.net.config.model_channels)
+    runs, first = [], 0
+    for times in grids:
+        rows = slice(first, first + len(times) - 1)
+        first = rows.stop
+        runs.append(
+            StudentRun(
+                net,
+                torch.stack(precond[rows]),
+                sinusoids[rows],
+                chain_steps(schedule, times[:-1], "ancestral"),
+                conditional=generator.conditional,
+                noise=generator.noise,
+            )
+        )
+    return runs
+
+
+def _traced(module: nn.Module, method: str, example: tuple[Tensor, ...]) -> torch.jit.ScriptModule:
+    """``module.<method>`` traced on ``example``, on the CPU and without autograd."""
+    with torch.no_grad(), _quiet_torch_jit(), warnings.catch_warnings():
+        # The tracer flags Python numbers read off tensors: GroupNorm's batch check and the
+        # chunk sizes of the FiLM scale/shift. Both depend on channel counts only, which the
+        # network fixes.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.jit.trace_module(module, {method: example}, check_trace=False)
+
+
+def _traced_runs(student: LoadedStudent, net: UNet, metadata: StudentMetadata, side: int) -> list[nn.Module]:
+    """The runs for TorchScript: the network's ``forward_from_embedding`` traced once, each run
+    traced around it, on zero batches of 2 (batch and image size stay free: checked by the tests)."""
+    xT = torch.zeros(2, metadata.channels, side, side)
+    net_input = torch.zeros(2, net.config.in_channels, side, side)
+    network = _traced(net, "forward_from_embedding", (net_input, torch.zeros(2, net.config.model_channels)))
+    unused = xT.new_empty(0)
+    z = torch.zeros_like(xT) if metadata.noise else unused
+    mask = torch.ones_like(xT[:, :1])
+    runs = []
+    for run in _student_runs(student, network):
+        noisy = len(run.steps) > 0 and not metadata.deterministic
+        step_noise = torch.zeros(len(run.steps), *xT.shape) if noisy else unused
+        runs.append(_traced(run, "forward", (xT, z, mask, step_noise)))
+    return runs
 
 
 def build_student_graph(student: LoadedStudent, *, trace: bool = False) -> StudentGraph:
     """The exportable form of ``student`` (on the CPU, eval mode, frozen).
 
-    ``trace=True`` traces the UNet trunk (for TorchScript); otherwise the trunk shares the
-    student's modules (for ONNX export and tests).
+    ``trace=True`` traces the runs (for TorchScript); otherwise they are plain modules on the
+    student's network (for ONNX export and tests).
     """
     net = student.generator.predictor.net
     if not isinstance(net, UNet):
@@ -438,32 +447,18 @@ def build_student_graph(student: LoadedStudent, *, trace: bool = False) -> Stude
     if any(parameter.device.type != "cpu" for parameter in net.parameters()):
         raise ExportError("export a student loaded on the CPU (student_from_checkpoint(..., device='cpu'))")
     net.eval()
-    precond, posterior, sinusoid = _step_tables(student)
-    trunk: nn.Module = UNetTrunk(net).eval()
-    size_multiple = 2 ** (len(net.config.channel_mult) - 1)
-    if trace:
-        side = max(net.config.image_size, size_multiple)
-        example = (
-            torch.zeros(2, net.config.in_channels, side, side),
-            sinusoid[:1].expand(2, -1).contiguous(),
-        )
-        with torch.no_grad(), _quiet_torch_jit(), warnings.catch_warnings():
-            # The tracer flags Python numbers read off tensors: GroupNorm's batch check and the
-            # chunk sizes of the FiLM scale/shift. Both depend on channel counts only, which the
-            # network fixes; batch and image size stay free (checked by the tests).
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            trunk = torch.jit.trace(trunk, example, check_trace=False)
     metadata = student_metadata(student)
+    size_multiple = 2 ** (len(net.config.channel_mult) - 1)
+    runs: list[nn.Module]
+    if trace:
+        runs = _traced_runs(student, net, metadata, side=max(net.config.image_size, size_multiple))
+    else:
+        runs = [*_student_runs(student, net)]
     return StudentGraph(
-        trunk,
-        precond,
-        posterior,
-        sinusoid,
-        nfe=student.nfe,
+        runs,
         channels=metadata.channels,
         size_multiple=size_multiple,
         noise=metadata.noise,
-        conditional=metadata.conditional,
         needs_mask=metadata.needs_mask,
         deterministic=metadata.deterministic,
     ).eval()

@@ -11,11 +11,12 @@ at initialisation the generator *is* the teacher.
 - N steps (``nfe = N``, 2 or 4): ``G(x_t, z, t [, xT])`` on the teacher's grid
   ``T = t_N > ... > t_1`` (``schedule.grid(N)``, whose last entry ``t_0 = t_min`` is the clean
   end). Inference alternates ``x0_hat = G(x_{t_n}, z, t_n)`` with the bridge-posterior step
-  ``x_{t_{n-1}} ~ q(x_{t_{n-1}} | x_{t_n}, x0 = x0_hat)`` (``schedule.posterior_step``); the
-  last transition lands on the clean end, where the posterior is the point mass at
-  ``x0_hat``: no noise there (nor anywhere for an OT-ODE schedule). The same z is used at
-  every step (the doc's ``G(x_{t_n}, z, t_n)``); the posterior steps draw their own noise.
-  At initialisation an N-step generator is the teacher's N-step ancestral sampler.
+  ``x_{t_{n-1}} ~ q(x_{t_{n-1}} | x_{t_n}, x0 = x0_hat)`` (``schedule.posterior_step``), in
+  the teacher sampler's own loop (``bridges.samplers.posterior_chain``); the last transition
+  lands on the clean end, where the posterior is the point mass at ``x0_hat``: no noise there
+  (nor anywhere for an OT-ODE schedule). The same z is used at every step (the doc's
+  ``G(x_{t_n}, z, t_n)``); the posterior steps draw their own noise. At initialisation an
+  N-step generator is the teacher's N-step ancestral sampler.
 - Fewer steps at inference: a generator trained with N steps may run ``M < N`` steps on
   ``schedule.grid(M)``: it is evaluated at ``grid(M)[:M]``, the teacher's M-step grid. For
   the schedules here (I2SB's evenly spread step indices, DDBM's uniform times) ``grid(M)``'s
@@ -41,19 +42,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ibmd_pipeline.bridges.samplers import chain_steps, posterior_chain
 from ibmd_pipeline.bridges.schedules import BridgeSchedule, standard_normal_like
 from ibmd_pipeline.engine.config import config_to_dict
 from ibmd_pipeline.networks.predictors import X0Predictor
 from ibmd_pipeline.networks.unet import UNet
 
-__all__ = ["BridgeGenerator", "paste_known_pixels"]
-
-
-def paste_known_pixels(x0_hat: Tensor, xT: Tensor, mask: Tensor | None) -> Tensor:
-    """``x0_hat`` with the known pixels (``mask == 0``) copied from ``xT``; unchanged without a mask."""
-    if mask is None:
-        return x0_hat
-    return torch.lerp(x0_hat, xT, 1.0 - mask.to(x0_hat.dtype))
+__all__ = ["BridgeGenerator"]
 
 
 class BridgeGenerator(nn.Module):
@@ -106,14 +101,6 @@ class BridgeGenerator(nn.Module):
         """Fresh z ~ N(0, I) shaped like ``xT`` (None for a generator without noise)."""
         return standard_normal_like(xT, generator) if self.noise else None
 
-    def predict(
-        self, x_t: Tensor, t: float, xT: Tensor, z: Tensor | None = None, mask: Tensor | None = None
-    ) -> Tensor:
-        """One evaluation ``G(x_t, z, t [, xT])`` with the known pixels pasted from ``xT``."""
-        t_batch = torch.full((x_t.shape[0],), float(t), device=x_t.device, dtype=torch.float32)
-        x0_hat = self.predictor(x_t, t_batch, xT=xT, extra=z)
-        return paste_known_pixels(x0_hat, xT, mask)
-
     def forward(
         self,
         xT: Tensor,
@@ -148,20 +135,24 @@ class BridgeGenerator(nn.Module):
             raise ValueError(
                 f"step_noise holds {len(step_noise)} tensors, {stop - 1} transitions need one each"
             )
-        times = self.schedule.grid(nfe).tolist()
+        times = self.schedule.grid(nfe)
+        eval_times = times.tolist()
+        # the posterior steps between the evaluations at times[0] .. times[stop - 1]
+        steps = chain_steps(self.schedule, times[:stop], "ancestral")
 
-        x = xT
-        for k in range(1, stop):  # evaluations before the last one, each followed by a step
-            with torch.set_grad_enabled(torch.is_grad_enabled() and rollout_to is None):
-                x0_hat = self.predict(x, times[k - 1], xT, z, mask)
-                noise = None
-                if not self.schedule.deterministic and step_noise is not None:
-                    noise = step_noise[k - 1]
-                elif not self.schedule.deterministic:
-                    noise = standard_normal_like(x, generator)
-                x = self.schedule.posterior_step(x, x0_hat, times[k - 1], times[k], noise=noise)
-        # The k-th evaluation; after the last one the step to the clean end returns x0_hat itself.
-        return self.predict(x, times[stop - 1], xT, z, mask)
+        def predict(x_t: Tensor, k: int) -> Tensor:  # G(x_t, z, t_k [, xT])
+            t_batch = torch.full((x_t.shape[0],), eval_times[k], device=x_t.device, dtype=torch.float32)
+            return self.predictor(x_t, t_batch, xT=xT, extra=z)
+
+        return posterior_chain(
+            predict,
+            xT,
+            steps,
+            mask=mask,
+            step_noise=step_noise,
+            generator=generator,
+            grad_through_chain=rollout_to is None,
+        )
 
     def spec(self) -> dict[str, Any]:
         """The plain description stored in a student checkpoint's ``config["generator"]``."""

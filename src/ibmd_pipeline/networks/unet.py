@@ -471,10 +471,17 @@ class UNet(nn.Module):
             raise ValueError(
                 f"noise_level must hold 1 or B={x.shape[0]} values, got shape {tuple(level.shape)}"
             )
-        # The embedding is float32 (see noise_level_embedding); a float64 network takes it in its own dtype.
-        embedding = noise_level_embedding(level, self.config.model_channels)
-        emb = self.time_embed(embedding.to(self.time_embed[0].weight.dtype))
+        return self.forward_from_embedding(x, noise_level_embedding(level, self.config.model_channels))
 
+    def forward_from_embedding(self, x: Tensor, embedding: Tensor) -> Tensor:
+        """The network after the sinusoidal embedding of the noise level (:meth:`forward` without its checks).
+
+        embedding: ``noise_level_embedding(noise_level, config.model_channels)``, (B, model_channels).
+        An export precomputes the embeddings of its fixed step times and traces this method: the
+        embedding's ``arange`` would otherwise fix the device in the traced graph.
+        """
+        # The embedding is float32 (see noise_level_embedding); a float64 network takes it in its own dtype.
+        emb = self.time_embed(embedding.to(self.time_embed[0].weight.dtype))
         skips = []
         h = x
         for block in self.input_blocks:
