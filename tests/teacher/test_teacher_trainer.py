@@ -180,6 +180,36 @@ def test_inpainting_loss_is_taken_over_the_hole_only(tiny_params, make_bundle, m
     assert len(seen) >= 2 and all(m is not None and torch.equal(m, pairs.mask[: len(m)]) for m in seen)
 
 
+def test_inpainting_teacher_refills_the_hole_of_every_batch(tiny_params, make_bundle, monkeypatch):
+    """As I2SB's training and the distillation do: fresh N(0, 1) in the hole, xT untouched outside."""
+    bundle = make_bundle("inpaint_center", 8, seed=0)
+    task = task_from_params({"kind": "inpaint_center"})
+    pairs = bundle_pairs(bundle, task, "training")
+    seen = []
+    real_loss = trainer_module.bridge_matching_loss
+
+    def spy(predictor, x0, xT, schedule, mask=None, **kwargs):
+        if "t" not in kwargs:  # training batches, not the fixed validation batch
+            seen.append((x0.clone(), xT.clone(), mask.clone()))
+        return real_loss(predictor, x0, xT, schedule, mask=mask, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "bridge_matching_loss", spy)
+    params = tiny_params(train={"steps": 3, "batch_size": 8, "warmup_steps": 0})
+    train(params, (bundle, bundle), kind="inpaint_center")
+    assert len(seen) == 3
+    fills = []
+    for x0, xT, mask in seen:
+        order = [next(i for i in range(len(pairs)) if torch.equal(pairs.clean[i], image)) for image in x0]
+        stored = pairs.corrupted[order]
+        known = mask == 0
+        assert torch.equal(xT[known.expand_as(xT)], stored[known.expand_as(xT)])  # known pixels as degraded
+        hole = xT[(~known).expand_as(xT)]
+        assert not torch.equal(hole, stored[(~known).expand_as(xT)])  # not the degrade-time fill
+        assert abs(float(hole.mean())) < 0.2 and abs(float(hole.std()) - 1.0) < 0.2  # N(0, 1)
+        fills.append(xT[0][(~known[0]).expand_as(xT[0])])
+    assert not torch.equal(fills[0], fills[1])  # drawn anew for every batch
+
+
 def test_validation_loss_is_recorded_at_its_interval_and_at_the_end(sr_bundles, tiny_params):
     _, history = train(tiny_params(train={"steps": 10, "log_every": 2}, validation={"every": 4}), sr_bundles)
     assert [r["step"] for r in history if "val_loss" in r] == [4, 8, 10]

@@ -388,6 +388,12 @@ def train_teacher(
         torch.index_select(data.corrupted, 0, indices, out=xT)
         if mask is not None:
             torch.index_select(data.mask, 0, indices, out=mask)
+            # The hole is refilled with fresh N(0, 1) noise every batch, as I2SB's training
+            # corrupts every batch anew and as the distillation draws its xT: the degrade-time
+            # fill is one draw, and a teacher trained on it alone would see another xT
+            # distribution than its student (docs/method.md sec. 7.6).
+            fill = torch.randn(xT.shape, generator=state.device_generator, device=device, dtype=xT.dtype)
+            xT.copy_(torch.where(mask > 0, fill, xT))
         # CUDA autocast comes from run_training; on the CPU it is opt-in (config.cpu_bf16).
         with autocast_context(device, use_bf16, allow_cpu=True):
             loss = bridge_matching_loss(
