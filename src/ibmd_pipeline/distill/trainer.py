@@ -3,7 +3,7 @@
 Networks: the frozen teacher ``D*``, the auxiliary ("fake") bridge model ``D_phi`` and the
 generator ``G_theta`` (:class:`~ibmd_pipeline.distill.generator.BridgeGenerator`), both
 initialised from the teacher's weights (its EMA weights by default). One step of
-:func:`~ibmd_pipeline.engine.training.run_training` is one generator update::
+:func:`~ibmd_pipeline.engine.loop.run_training` is one generator update::
 
     repeat L times:                                     # auxiliary step, step phi only
         xT ~ corrupted data, z ~ N(0, I);  x0 = G_theta(xT, z) without autograd
@@ -76,16 +76,15 @@ from ibmd_pipeline.engine.distributed import (
     split_global_batch,
     wrap_ddp,
 )
+from ibmd_pipeline.engine.loop import run_training
+from ibmd_pipeline.engine.resume import WORKING_CHECKPOINT, run_folder_name
 from ibmd_pipeline.engine.training import (
-    WORKING_CHECKPOINT,
     NonFiniteLossError,
     TrainingState,
     create_training_state,
     epoch_batch_indices,
     export_checkpoint,
     optimizer_step,
-    run_folder_name,
-    run_training,
 )
 from ibmd_pipeline.networks.predictors import X0Predictor
 from ibmd_pipeline.teacher.model import LoadedTeacher, teacher_from_checkpoint

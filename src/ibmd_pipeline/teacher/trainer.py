@@ -11,7 +11,7 @@ Kedro node with ``nproc_per_node = 1``, the tests) and unchanged in every worker
 reads its shard of every global batch, gradients are averaged by DDP, logged losses are
 averaged over ranks, and only rank 0 validates, shows progress and exports. The loop itself
 (AdamW, EMA, clipping, LR warm-up and schedule, NaN guard, atomic resumable working
-checkpoints, one per run however many ranks) is ``engine.training.run_training``.
+checkpoints, one per run however many ranks) is ``engine.loop.run_training``.
 
 Devices: the network trains in ``channels_last`` on CUDA (``engine.devices.place_module``) and
 is compiled in place when ``train.compile.enabled`` (after placement and the EMA copy, before
@@ -45,16 +45,15 @@ from ibmd_pipeline.engine.distributed import (
     split_global_batch,
     wrap_ddp,
 )
+from ibmd_pipeline.engine.loop import run_training
+from ibmd_pipeline.engine.resume import config_differences, run_folder_name
 from ibmd_pipeline.engine.training import (
     NonFiniteLossError,
     TrainingState,
-    config_differences,
     create_training_state,
     epoch_batch_indices,
     export_checkpoint,
     optimizer_step,
-    run_folder_name,
-    run_training,
     seed_everything,
 )
 from ibmd_pipeline.networks.predictors import X0Predictor
@@ -297,7 +296,7 @@ def _working_dir(workdir: str | None, run_folder: str) -> Path | None:
     """``workdir/<run folder>``, the folder of the run's one working checkpoint ``last.pt``.
 
     Every rank gets the same folder: rank 0 writes ``last.pt`` with all ranks' random states,
-    and every rank resumes from it (``engine.training.run_training``). One folder per
+    and every rank resumes from it (``engine.loop.run_training``). One folder per
     configuration (:func:`run_folder_name`): changing a setting starts afresh instead of
     failing to resume a run of other settings.
     """
