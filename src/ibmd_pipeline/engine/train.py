@@ -43,7 +43,7 @@ import yaml
 
 from ibmd_pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
 from ibmd_pipeline.engine.config import ConfigError, parse_config
-from ibmd_pipeline.engine.devices import configure_threads
+from ibmd_pipeline.engine.devices import EngineConfig, configure_threads
 from ibmd_pipeline.engine.distributed import (
     DistributedConfig,
     barrier,
@@ -190,7 +190,6 @@ def run_stage(
     # Imported here: the trainers pull in the networks, which the config helpers above do not need.
     from ibmd_pipeline.data import check_seed
     from ibmd_pipeline.degradations import TaskConfig
-    from ibmd_pipeline.teacher.config import EngineConfig
 
     if stage not in _STAGE_KIND:
         raise ConfigError("stage", f"got {stage!r}; allowed values: 'teacher', 'distill'")

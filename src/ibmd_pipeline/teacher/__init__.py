@@ -1,7 +1,6 @@
 """Diffusion bridge teachers: configuration, construction from checkpoints, training."""
 
 from ibmd_pipeline.teacher.config import (
-    EngineConfig,
     SamplerConfig,
     TeacherConfig,
     ValidationConfig,
@@ -35,7 +34,6 @@ from ibmd_pipeline.teacher.trainer import (
 
 __all__ = [
     "CheckpointMismatchError",
-    "EngineConfig",
     "FixedValidationBatch",
     "LoadedTeacher",
     "NetworkConfig",

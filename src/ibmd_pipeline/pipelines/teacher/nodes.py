@@ -15,11 +15,10 @@ from PIL import Image
 from ibmd_pipeline.data import check_seed
 from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.engine.config import ConfigError, parse_config
-from ibmd_pipeline.engine.devices import configure_threads, select_device
+from ibmd_pipeline.engine.devices import EngineConfig, configure_threads, select_device
 from ibmd_pipeline.engine.distributed import launch_local
 from ibmd_pipeline.pipelines.common import make_image_grid
 from ibmd_pipeline.teacher import (
-    EngineConfig,
     TeacherConfig,
     TeacherPlan,
     check_teacher_checkpoint,
