@@ -61,12 +61,13 @@ from torch.nn.parallel import DistributedDataParallel
 from ibmd_pipeline.bridges.losses import bridge_matching_loss
 from ibmd_pipeline.degradations import TaskConfig, degrade
 from ibmd_pipeline.distill.config import parse_distill_config
-from ibmd_pipeline.distill.trainer import _distill_worker, distill_student
+from ibmd_pipeline.distill.trainer import distill_student
 from ibmd_pipeline.engine.checkpoint import load_checkpoint
 from ibmd_pipeline.engine.config import config_to_dict
-from ibmd_pipeline.engine.distributed import launch_local, wrap_ddp
+from ibmd_pipeline.engine.distributed import wrap_ddp
+from ibmd_pipeline.engine.launch import launch_local
 from ibmd_pipeline.engine.train import catalog_version_name, load_bundle, register_in_catalog, run_stage
-from ibmd_pipeline.teacher import parse_teacher_config, train_teacher_worker
+from ibmd_pipeline.teacher import parse_teacher_config, train_teacher
 
 SIZE = 16
 TASK = {"kind": "sr4x_bicubic"}
@@ -207,7 +208,7 @@ def _teacher_rank_worker(config, train, val, out_dir: str) -> dict[str, Any]:
     def run(with_workdir: bool) -> dict[str, Any]:
         trainer.bridge_matching_loss = _SharedDrawLoss(config.train.batch_size * WORLD)
         run_config = config if with_workdir else dataclasses.replace(config, workdir=None)
-        return train_teacher_worker(run_config, train, val, TASK, "cpu", False)[0]
+        return train_teacher(run_config, train, val, task=TASK, device="cpu", progress=False)[0]
 
     return _run_with_faults(trainer, run, out_dir)
 
@@ -217,7 +218,9 @@ def _distill_rank_worker(corrupted, teacher, config, out_dir: str) -> dict[str, 
 
     def run(with_workdir: bool) -> dict[str, Any]:
         run_config = config if with_workdir else dataclasses.replace(config, workdir=None)
-        return _distill_worker(corrupted, teacher, run_config, None, TASK["kind"], "cpu", False)
+        return distill_student(
+            corrupted, teacher, run_config, task_kind=TASK["kind"], device="cpu", progress=False
+        )
 
     return _run_with_faults(trainer, run, out_dir)
 
@@ -309,7 +312,9 @@ def teacher_runs(data, tmp_path_factory) -> dict[str, Any]:
     trainer.bridge_matching_loss = _SharedDrawLoss(PER_RANK_BATCH * WORLD)
     try:
         single, single_history = _in_parity_dtype(
-            lambda: train_teacher_worker(single_config, data["train"], data["val"], TASK, "cpu", False)
+            lambda: train_teacher(
+                single_config, data["train"], data["val"], task=TASK, device="cpu", progress=False
+            )
         )
     finally:
         trainer.bridge_matching_loss = original

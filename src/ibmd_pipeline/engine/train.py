@@ -10,13 +10,13 @@
         --data data/05_model_input/corrupted_train.npz/<version>/corrupted_train.npz \\
         --teacher data/06_models/teacher.pt/<version>/teacher.pt --output runs/student.pt
 
-Each process joins the launcher's process group (:func:`~ibmd_pipeline.engine.distributed.init_distributed`
-reads ``RANK``/``WORLD_SIZE``/... or ``SLURM_*``) and runs the same training function as the
-Kedro node (``teacher.trainer.train_teacher`` / ``distill.trainer.distill_student``). Without a
-launcher, ``<stage>.distributed.nproc_per_node > 1`` spawns local workers exactly as the node
-does. Only rank 0 writes: the checkpoint goes to ``--output`` atomically, in the format of the
-catalog's ``teacher_model`` / ``student_model``; ``--register-catalog`` also writes it as a new
-latest version of that catalog entry so that the next ``kedro run`` loads it.
+It runs the same training function as the Kedro node (``teacher.trainer.train_teacher`` /
+``distill.trainer.distill_student``), which decides how its processes come to be
+(``engine.launch``): under torchrun or srun each process joins the launcher's process group;
+without a launcher, ``<stage>.distributed.nproc_per_node > 1`` spawns local workers exactly as
+the node does. Only rank 0 writes: the checkpoint goes to ``--output`` atomically, in the format
+of the catalog's ``teacher_model`` / ``student_model``; ``--register-catalog`` also writes it as
+a new latest version of that catalog entry so that the next ``kedro run`` loads it.
 
 The ``--config`` file (YAML or JSON) holds the parameters the node would get: the ``teacher``
 or ``distill`` section (the same keys as ``params:teacher`` / ``params:distill``), ``task``,
@@ -41,17 +41,16 @@ import numpy as np
 import torch
 import yaml
 
+from ibmd_pipeline.data import check_seed
+from ibmd_pipeline.degradations import TaskConfig
+from ibmd_pipeline.distill.config import parse_distill_config
+from ibmd_pipeline.distill.trainer import distill_student
 from ibmd_pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
 from ibmd_pipeline.engine.config import ConfigError, parse_config
 from ibmd_pipeline.engine.devices import EngineConfig, configure_threads
-from ibmd_pipeline.engine.distributed import (
-    DistributedConfig,
-    barrier,
-    cleanup_distributed,
-    init_distributed,
-    launch_local,
-    read_launch_environment,
-)
+from ibmd_pipeline.engine.distributed import barrier, cleanup_distributed, init_distributed
+from ibmd_pipeline.engine.launch import is_main_process
+from ibmd_pipeline.teacher import parse_teacher_config, train_teacher
 
 __all__ = [
     "TrainResult",
@@ -160,18 +159,6 @@ def _teacher_version(path: Path) -> str | None:
     return path.parent.name if _VERSION_RE.match(path.parent.name) else None
 
 
-def _single_launch(config: DistributedConfig, stage: str) -> DistributedConfig:
-    """Under torchrun/srun the launcher made the processes: none may spawn more."""
-    if read_launch_environment() is not None and config.nproc_per_node > 1:
-        logger.info(
-            "%s.distributed.nproc_per_node=%d is ignored: the launcher started the processes",
-            stage,
-            config.nproc_per_node,
-        )
-        return dataclasses.replace(config, nproc_per_node=1)
-    return config
-
-
 def run_stage(
     stage: str,
     params: Mapping[str, Any],
@@ -187,10 +174,6 @@ def run_stage(
     (``train_teacher_node`` / ``distill_node``), inside the launcher's process group when there
     is one. The returned checkpoint has the format of ``teacher_model`` / ``student_model``.
     """
-    # Imported here: the trainers pull in the networks, which the config helpers above do not need.
-    from ibmd_pipeline.data import check_seed
-    from ibmd_pipeline.degradations import TaskConfig
-
     if stage not in _STAGE_KIND:
         raise ConfigError("stage", f"got {stage!r}; allowed values: 'teacher', 'distill'")
     task_config = parse_config(TaskConfig, _section(params, "task"), "task")
@@ -199,30 +182,19 @@ def run_stage(
     device = engine_config.device
 
     if stage == "teacher":
-        from ibmd_pipeline.teacher import parse_teacher_config, train_teacher_worker
-
         config = parse_teacher_config(_section(params, "teacher"), seed=check_seed(params.get("seed", 0)))
-        config = dataclasses.replace(config, distributed=_single_launch(config.distributed, stage))
         train_bundle = load_bundle(data)
         if val_data is None:
             logger.warning("no --val-data: the validation loss is taken on the first training pairs")
         val_bundle = train_bundle if val_data is None else load_bundle(val_data)
-        args = (config, train_bundle, val_bundle, task_config, device, progress)
-        if config.distributed.nproc_per_node > 1:
-            checkpoint, _ = launch_local(
-                train_teacher_worker, config.distributed.nproc_per_node, args=args, config=config.distributed
-            )
-            return TrainResult(checkpoint, is_main=True, device=device)
-        checkpoint, _ = train_teacher_worker(*args)
-        return TrainResult(checkpoint, is_main=_is_main(), device=device)
-
-    from ibmd_pipeline.distill.config import parse_distill_config
-    from ibmd_pipeline.distill.trainer import distill_student
+        checkpoint, _ = train_teacher(
+            config, train_bundle, val_bundle, task=task_config, device=device, progress=progress
+        )
+        return TrainResult(checkpoint, is_main=is_main_process(), device=device)
 
     if teacher is None:
         raise ConfigError("teacher", "--stage distill needs --teacher <teacher.pt>")
     config = parse_distill_config(_section(params, "distill"), "distill")
-    config = dataclasses.replace(config, distributed=_single_launch(config.distributed, stage))
     teacher_path = Path(teacher)
     teacher_checkpoint = load_checkpoint(teacher_path)
     teacher_checkpoint["catalog_version"] = _teacher_version(teacher_path)
@@ -246,12 +218,7 @@ def run_stage(
         device=device,
         progress=progress,
     )
-    return TrainResult(checkpoint, is_main=_is_main(), device=device)
-
-
-def _is_main() -> bool:
-    launch = read_launch_environment()
-    return launch is None or launch.rank == 0
+    return TrainResult(checkpoint, is_main=is_main_process(), device=device)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -29,7 +29,6 @@ from ibmd_pipeline.teacher.trainer import (
     plan_teacher,
     task_from_params,
     train_teacher,
-    train_teacher_worker,
 )
 
 __all__ = [
@@ -58,5 +57,4 @@ __all__ = [
     "task_from_params",
     "teacher_from_checkpoint",
     "train_teacher",
-    "train_teacher_worker",
 ]
