@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ibmd_pipeline.commands.restore import main
 from ibmd_pipeline.data.folders import DataWarning
 from ibmd_pipeline.degradations.ops import center_mask
-from ibmd_pipeline.deploy.cli import main
 from ibmd_pipeline.deploy.export import ExportConfig, export_torchscript, save_torchscript
 from ibmd_pipeline.deploy.restore import (
     RestoreError,
@@ -264,7 +264,7 @@ def test_cli_runs_as_a_module(tmp_path, student_file, image_folder):
         [
             sys.executable,
             "-m",
-            "ibmd_pipeline.deploy.cli",
+            "ibmd_pipeline.commands.restore",
             str(student_file()),
             str(image_folder),
             str(out),

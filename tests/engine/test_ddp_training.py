@@ -59,14 +59,15 @@ from numerics import adam_weight_atol, default_dtype, loss_atol, sum_rtol
 from torch.nn.parallel import DistributedDataParallel
 
 from ibmd_pipeline.bridges.losses import bridge_matching_loss
+from ibmd_pipeline.commands.train import load_bundle, register_in_catalog, run_stage
 from ibmd_pipeline.degradations import TaskConfig, degrade
 from ibmd_pipeline.distill.config import parse_distill_config
 from ibmd_pipeline.distill.trainer import distill_student
+from ibmd_pipeline.engine.catalog_files import version_name
 from ibmd_pipeline.engine.checkpoint import load_checkpoint
 from ibmd_pipeline.engine.config import config_to_dict
 from ibmd_pipeline.engine.distributed import wrap_ddp
 from ibmd_pipeline.engine.launch import launch_local
-from ibmd_pipeline.engine.train import catalog_version_name, load_bundle, register_in_catalog, run_stage
 from ibmd_pipeline.teacher import parse_teacher_config, train_teacher
 
 SIZE = 16
@@ -431,7 +432,7 @@ def test_catalog_version_names_sort_like_kedro_and_register_refuses_older(tmp_pa
 
     moment = datetime.datetime(2026, 1, 2, 3, 4, 5, 678_901, tzinfo=datetime.UTC)
     kedro_style = moment.strftime(VERSION_FORMAT)
-    assert catalog_version_name(moment) == kedro_style[:-4] + kedro_style[-1:] == "2026-01-02T03.04.05.678Z"
+    assert version_name(moment) == kedro_style[:-4] + kedro_style[-1:] == "2026-01-02T03.04.05.678Z"
     entry = tmp_path / "teacher.pt"
     path = register_in_catalog({"kind": "teacher", "catalog_version": "x"}, entry, now=moment)
     assert path == entry / "2026-01-02T03.04.05.678Z" / "teacher.pt"
@@ -472,7 +473,7 @@ def test_torchrun_entry_point_writes_one_checkpoint_and_registers_it(tmp_path, d
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
-        "-m", "ibmd_pipeline.engine.train",
+        "-m", "ibmd_pipeline.commands.train",
         "--stage", "teacher", "--config", str(config), "--data", str(train), "--val-data", str(val),
         "--output", str(output), "--register-catalog", str(entry), "--no-progress",
     ]

@@ -2,7 +2,7 @@
 
 A stage (teacher training, distillation) runs its per-process training function through
 :func:`run_data_parallel`, whichever entry point started it (a Kedro node, ``python -m
-ibmd_pipeline.engine.train``, a test). :func:`launch_mode` tells which of three cases holds:
+ibmd_pipeline.commands.train``, a test). :func:`launch_mode` tells which of three cases holds:
 
 - ``"launcher"``: torchrun or srun started this process (``RANK``/``WORLD_SIZE`` or ``SLURM_*``
   in the environment); it joins the launcher's process group, and ``nproc_per_node`` is ignored

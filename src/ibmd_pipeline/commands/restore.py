@@ -1,8 +1,8 @@
 """``ibmd-restore``: restore a folder of corrupted images with a distilled student.
 
-    python -m ibmd_pipeline.deploy.cli MODEL INPUT_DIR OUTPUT_DIR [--batch-size 16] [--device auto]
-                                       [--nfe M] [--seed 0] [--no-recursive] [--overwrite]
-                                       [--resize fit|error] [--quiet]
+    python -m ibmd_pipeline.commands.restore MODEL INPUT_DIR OUTPUT_DIR [--batch-size 16] [--device auto]
+                                             [--nfe M] [--seed 0] [--no-recursive] [--overwrite]
+                                             [--resize fit|error] [--quiet]
 
 MODEL is a student checkpoint (the distill pipeline's ``student.pt``) or its TorchScript
 export (the export pipeline's ``student_torchscript.pt``). See :mod:`ibmd_pipeline.deploy.restore`
