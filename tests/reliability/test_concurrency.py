@@ -66,7 +66,8 @@ def test_two_simultaneous_degrade_runs_write_distinct_complete_versions(tmp_path
         for version in versions:
             folder = DATA / filepath / version
             assert sorted(p.name for p in folder.iterdir()) == [Path(filepath).name], folder  # no temp files
-            loaded.append(TensorBundleDataset(filepath=str(DATA / filepath), version=Version(version, None)).load())
+            dataset = TensorBundleDataset(filepath=str(DATA / filepath), version=Version(version, None))
+            loaded.append(dataset.load())
         first, second = loaded
         assert first.keys() == second.keys(), name
         for key, value in first.items():  # same parameters and seed: the same bundle, twice
