@@ -32,12 +32,15 @@ print(loader["globals"]["data_root"])
 PY
 )
 
-latest() {  # the newest version of a versioned catalog file: <entry>/<version>/<name>
-    local entry=$1
-    local version
-    version=$(ls -1 "$entry" | sort | tail -n 1)
-    [ -n "$version" ] || { echo "no version under $entry: run the upstream pipeline first" >&2; exit 1; }
-    echo "$entry/$version/$(basename "$entry")"
+latest() {  # the file of the newest version of a versioned catalog entry: <entry>/<version>/<name>
+    python - "$1" <<'PY'
+import sys
+from ibmd_pipeline.engine.catalog_files import latest_version_file
+try:
+    print(latest_version_file(sys.argv[1]))
+except FileNotFoundError as err:
+    sys.exit(f"{err}: run the upstream pipeline first")
+PY
 }
 
 if [ "$STAGE" = teacher ]; then
@@ -56,11 +59,11 @@ case "$LAUNCHER" in
     torchrun)
         exec torchrun --nnodes "${NNODES:?set NNODES}" --nproc-per-node "$GPUS_PER_NODE" \
             --rdzv-backend c10d --rdzv-endpoint "${HEAD_NODE:?set HEAD_NODE}:$PORT" --rdzv-id "ibmd-$STAGE" \
-            -m ibmd_pipeline.engine.train "${ARGS[@]}" ;;
+            -m ibmd_pipeline.commands.train "${ARGS[@]}" ;;
     srun)
         MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
         export MASTER_ADDR MASTER_PORT=$PORT
-        exec srun python -m ibmd_pipeline.engine.train "${ARGS[@]}" ;;
+        exec srun python -m ibmd_pipeline.commands.train "${ARGS[@]}" ;;
     *)
         echo "unknown launcher '$LAUNCHER': torchrun | srun" >&2; exit 2 ;;
 esac

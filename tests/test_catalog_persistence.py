@@ -72,3 +72,17 @@ def test_the_pairs_factory_gives_each_split_its_own_file(project):
     paths = {split: catalog.get(f"pairs_{split}")._describe()["filepath"] for split in splits}
     assert len(set(map(str, paths.values()))) == 3
     assert all(str(path).endswith(f"pairs_{split}.npz") for split, path in paths.items())
+
+
+def test_every_file_of_every_pipeline_is_written_by_a_project_dataset(project):
+    """The project's datasets write atomically (``engine.checkpoint.atomic_write``); kedro-datasets'
+    write straight into the final file, so none of them may persist a pipeline's output."""
+    pipelines, catalog = project
+    names = {name for pipeline in pipelines.values() for name in pipeline.datasets()}
+    names = {name for name in names if not _is_parameter(name)}
+    foreign = {
+        name: type(catalog.get(name)).__module__
+        for name in sorted(names)
+        if not type(catalog.get(name)).__module__.startswith("ibmd_pipeline.io.")
+    }
+    assert not foreign, f"outputs written by datasets outside ibmd_pipeline.io: {foreign}"

@@ -15,12 +15,13 @@ from kedro.config import OmegaConfigLoader
 
 from ibmd_pipeline.data import DataConfig, check_seed
 from ibmd_pipeline.degradations import TaskConfig
+from ibmd_pipeline.deploy.export import ExportConfig
 from ibmd_pipeline.distill.config import parse_distill_config
 from ibmd_pipeline.engine.config import ConfigError, parse_config
+from ibmd_pipeline.engine.devices import EngineConfig
 from ibmd_pipeline.evaluation.config import parse_evaluate_config
-from ibmd_pipeline.deploy.export import ExportConfig
 from ibmd_pipeline.settings import CONFIG_LOADER_ARGS
-from ibmd_pipeline.teacher import EngineConfig, parse_teacher_config, plan_teacher
+from ibmd_pipeline.teacher import parse_teacher_config, plan_teacher
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ENVS = ["base", "test", "imagenet256"]

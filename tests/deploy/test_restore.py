@@ -1,4 +1,5 @@
-"""Restoring a user's folder: reading, sizes, masks, seeds, safety rules, errors and the CLI."""
+"""Restoring a user's images (a folder or one file): reading, sizes, masks, seeds, safety rules,
+errors, catalog folders as models, and the CLI."""
 
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
+from ibmd_pipeline.commands.restore import main
 from ibmd_pipeline.data.folders import DataWarning
 from ibmd_pipeline.degradations.ops import center_mask
-from ibmd_pipeline.deploy.cli import main
 from ibmd_pipeline.deploy.export import ExportConfig, export_torchscript, save_torchscript
 from ibmd_pipeline.deploy.restore import (
     RestoreError,
     image_seed,
     load_restoration_model,
     prepare_image,
-    restore_folder,
+    resolve_model_file,
+    restore_images,
 )
 from ibmd_pipeline.engine.checkpoint import CheckpointError, save_checkpoint
 from ibmd_pipeline.teacher.model import CheckpointMismatchError
@@ -45,10 +47,10 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def _restore(model, inputs, outputs, **kwargs):
-    """``restore_folder`` without the progress bar, with its warnings recorded."""
+    """``restore_images`` without the progress bar, with its warnings recorded."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = restore_folder(model, inputs, outputs, progress=False, device="cpu", **kwargs)
+        report = restore_images(model, inputs, outputs, progress=False, device="cpu", **kwargs)
     return report, [w for w in caught if issubclass(w.category, DataWarning)]
 
 
@@ -124,6 +126,54 @@ def test_without_recursion_only_the_top_folder_is_read(tmp_path, student_file, i
     assert [p.name for p in report.written] == ["a.png"]
 
 
+def test_one_image_restores_as_it_does_in_its_folder(tmp_path, student_file, image_folder):
+    """A single file is named by its file name, as a top-level file of a folder is: the same seed
+    gives the same PNG either way."""
+    model = student_file(nfe=2, noise=True)
+    whole, _ = _restore(model, image_folder, tmp_path / "all", seed=4)
+    single, _ = _restore(model, image_folder / "a.png", tmp_path / "one", seed=4)
+    assert [p.relative_to(tmp_path / "one").as_posix() for p in single.written] == ["a.png"]
+    np.testing.assert_array_equal(_pixels(single.written[0]), _pixels(tmp_path / "all" / "a.png"))
+    assert single.skipped == () and single.resized == ()
+    resized, caught = _restore(model, image_folder / "sub" / "b.jpg", tmp_path / "jpg")
+    assert [p.name for p in resized.written] == ["b.png"] and resized.resized == ("b.jpg",)
+    assert any("resized" in str(w.message) for w in caught)
+
+
+def test_one_image_may_not_be_replaced_by_its_own_output(tmp_path, student_file, image_folder):
+    before = _tree_digest(image_folder)
+    with pytest.raises(RestoreError, match="would replace the input image"):
+        restore_images(student_file(), image_folder / "a.png", image_folder, progress=False)
+    # Next to it under another name is allowed: the input is never touched.
+    report, _ = _restore(student_file(), image_folder / "sub" / "b.jpg", image_folder / "sub")
+    assert report.written == (image_folder / "sub" / "b.png",)
+    after = _tree_digest(image_folder)
+    assert after.pop("sub/b.png") and after == before
+
+
+def test_a_catalog_folder_restores_with_its_latest_version(tmp_path, student_checkpoint, image_folder):
+    """``data/06_models/student.pt/`` as the model: the version Kedro would load, the newest one
+    that holds the file; other folders and an interrupted save's leftovers are not versions."""
+    entry = tmp_path / "06_models" / "student.pt"
+    older, newer = "2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z"
+    save_checkpoint(entry / older / "student.pt", student_checkpoint(seed=1))
+    save_checkpoint(entry / newer / "student.pt", student_checkpoint(seed=2))
+    (entry / "2026-03-01T00.00.00.000Z").mkdir()  # a save that never published its file
+    (entry / "notes").mkdir()
+    assert resolve_model_file(entry) == entry / newer / "student.pt"
+
+    from_folder, _ = _restore(entry, image_folder, tmp_path / "folder", seed=2)
+    from_file, _ = _restore(entry / newer / "student.pt", image_folder, tmp_path / "file", seed=2)
+    assert from_folder.model_file == entry / newer / "student.pt"
+    for a, b in zip(from_folder.written, from_file.written, strict=True):
+        np.testing.assert_array_equal(_pixels(a), _pixels(b))
+    empty = tmp_path / "06_models" / "student_torchscript.pt"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="holds no version of 'student_torchscript.pt'"):
+        restore_images(empty, image_folder, tmp_path / "none", progress=False)
+    assert not (tmp_path / "none").exists()
+
+
 # ---------------------------------------------------------------- safety
 
 
@@ -132,14 +182,14 @@ def test_the_output_folder_may_not_be_or_lie_inside_the_input_folder(tmp_path, s
     before = _tree_digest(image_folder)
     for output in (image_folder, image_folder / "restored", image_folder / "sub"):
         with pytest.raises(RestoreError, match="input folder"):
-            restore_folder(model, image_folder, output, progress=False)
+            restore_images(model, image_folder, output, progress=False)
     # The input inside the output: an output that would land inside the input is refused too.
     outer = tmp_path / "outer"
     nested_input = outer / "in"
     (nested_input / "in").mkdir(parents=True)
     Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(nested_input / "in" / "x.png")
     with pytest.raises(RestoreError, match="would land inside the input folder"):
-        restore_folder(model, nested_input, outer, progress=False)
+        restore_images(model, nested_input, outer, progress=False)
     assert _tree_digest(image_folder) == before
 
 
@@ -161,7 +211,7 @@ def test_two_inputs_with_the_same_output_name_are_refused(tmp_path, student_file
     for name in ("x.png", "x.jpg"):
         Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(inputs / name)
     with pytest.raises(RestoreError, match="would both be written to"):
-        restore_folder(student_file(), inputs, tmp_path / "out", progress=False)
+        restore_images(student_file(), inputs, tmp_path / "out", progress=False)
 
 
 # ---------------------------------------------------------------- errors
@@ -172,26 +222,26 @@ def test_clear_errors_for_unusable_models_and_folders(
 ):
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match="does not exist"):
-        restore_folder(tmp_path / "missing.pt", image_folder, out)
+        restore_images(tmp_path / "missing.pt", image_folder, out)
     teacher = save_checkpoint(tmp_path / "teacher.pt", teacher_checkpoint())
     with pytest.raises(CheckpointMismatchError, match="expected a student checkpoint.*teacher"):
-        restore_folder(teacher, image_folder, out)
+        restore_images(teacher, image_folder, out)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read"):
-        restore_folder(tmp_path / "junk.pt", image_folder, out)
+        restore_images(tmp_path / "junk.pt", image_folder, out)
     model = student_file()
     (tmp_path / "empty").mkdir()
     with pytest.raises(RestoreError, match="is empty"):
-        restore_folder(model, tmp_path / "empty", out)
+        restore_images(model, tmp_path / "empty", out)
     with pytest.raises(RestoreError, match="does not exist"):
-        restore_folder(model, tmp_path / "nowhere", out)
+        restore_images(model, tmp_path / "nowhere", out)
     bad_only = tmp_path / "bad_only"
     bad_only.mkdir()
     (bad_only / "a.txt").write_text("text")
     with pytest.raises(RestoreError, match="none of the 1 files"), pytest.warns(DataWarning):
-        restore_folder(model, bad_only, out, progress=False)
+        restore_images(model, bad_only, out, progress=False)
     with pytest.raises(RestoreError, match=r"nfe must be an integer in \[1, 1\]"):
-        restore_folder(model, image_folder, out, nfe=2)
+        restore_images(model, image_folder, out, nfe=2)
     with pytest.raises(RestoreError, match=r"'sub/b\.jpg': image is 24x20.*16x16"):
         _restore(model, image_folder, tmp_path / "strict", resize="error")
     assert not out.exists()
@@ -254,6 +304,10 @@ def test_cli_restores_and_reports(tmp_path, student_file, image_folder, capsys):
     assert status == 2 and "already exist" in capsys.readouterr().err
     status = main([str(tmp_path / "missing.pt"), str(image_folder), str(tmp_path / "x")])
     assert status == 2 and "does not exist" in capsys.readouterr().err
+    one_image = [str(student_file()), str(image_folder / "a.png"), str(tmp_path / "one"), "--device", "cpu"]
+    status = main(one_image)
+    assert status == 0 and "restored 1 images" in capsys.readouterr().out
+    assert (tmp_path / "one" / "a.png").is_file()
     with pytest.raises(SystemExit):
         main([str(student_file()), str(image_folder), str(out), "--batch-size", "0"])
 
@@ -264,7 +318,7 @@ def test_cli_runs_as_a_module(tmp_path, student_file, image_folder):
         [
             sys.executable,
             "-m",
-            "ibmd_pipeline.deploy.cli",
+            "ibmd_pipeline.commands.restore",
             str(student_file()),
             str(image_folder),
             str(out),

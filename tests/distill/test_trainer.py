@@ -14,7 +14,6 @@ from ibmd_pipeline.distill.config import DistillConfig, parse_distill_config, re
 from ibmd_pipeline.distill.student import student_from_checkpoint
 from ibmd_pipeline.distill.trainer import (
     DistillRun,
-    _distill_worker,
     build_distill_run,
     distill_student,
     run_folder_name,
@@ -24,7 +23,8 @@ from ibmd_pipeline.distill.validation import energy_distance, per_pixel_std
 from ibmd_pipeline.engine.checkpoint import load_checkpoint
 from ibmd_pipeline.engine.config import ConfigError
 from ibmd_pipeline.engine.devices import is_compiled
-from ibmd_pipeline.engine.distributed import DistContext, WorkerError, launch_local
+from ibmd_pipeline.engine.distributed import DistContext
+from ibmd_pipeline.engine.launch import WorkerError, launch_local
 from ibmd_pipeline.engine.training import set_learning_rates
 from ibmd_pipeline.teacher.model import CheckpointMismatchError
 
@@ -382,7 +382,7 @@ def _crashing_distill_worker(corrupted, teacher, config, task_kind, crash_step):
         return original(self, state, step)
 
     DistillRun.generator_update = crashing
-    return _distill_worker(corrupted, teacher, config, None, task_kind, "cpu", False)
+    return distill_student(corrupted, teacher, config, task_kind=task_kind, device="cpu", progress=False)
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ def test_snapshot_arguments_are_checked_before_training(
 
 
 def test_snapshots_need_a_single_process(teacher_checkpoint, corrupted_images, monkeypatch):
-    monkeypatch.setattr("ibmd_pipeline.distill.trainer.launch_local", pytest.fail)
+    monkeypatch.setattr("ibmd_pipeline.distill.trainer.run_data_parallel", pytest.fail)
     xT, _ = corrupted_images(count=16)
     with pytest.raises(ValueError, match="single-process"):
         distill_student(

@@ -59,14 +59,16 @@ from numerics import adam_weight_atol, default_dtype, loss_atol, sum_rtol
 from torch.nn.parallel import DistributedDataParallel
 
 from ibmd_pipeline.bridges.losses import bridge_matching_loss
+from ibmd_pipeline.commands.train import load_bundle, register_in_catalog, run_stage
 from ibmd_pipeline.degradations import TaskConfig, degrade
 from ibmd_pipeline.distill.config import parse_distill_config
-from ibmd_pipeline.distill.trainer import _distill_worker, distill_student
+from ibmd_pipeline.distill.trainer import distill_student
+from ibmd_pipeline.engine.catalog_files import version_name
 from ibmd_pipeline.engine.checkpoint import load_checkpoint
 from ibmd_pipeline.engine.config import config_to_dict
-from ibmd_pipeline.engine.distributed import launch_local, wrap_ddp
-from ibmd_pipeline.engine.train import catalog_version_name, load_bundle, register_in_catalog, run_stage
-from ibmd_pipeline.teacher import parse_teacher_config, train_teacher_worker
+from ibmd_pipeline.engine.distributed import wrap_ddp
+from ibmd_pipeline.engine.launch import launch_local
+from ibmd_pipeline.teacher import parse_teacher_config, train_teacher
 
 SIZE = 16
 TASK = {"kind": "sr4x_bicubic"}
@@ -207,7 +209,7 @@ def _teacher_rank_worker(config, train, val, out_dir: str) -> dict[str, Any]:
     def run(with_workdir: bool) -> dict[str, Any]:
         trainer.bridge_matching_loss = _SharedDrawLoss(config.train.batch_size * WORLD)
         run_config = config if with_workdir else dataclasses.replace(config, workdir=None)
-        return train_teacher_worker(run_config, train, val, TASK, "cpu", False)[0]
+        return train_teacher(run_config, train, val, task=TASK, device="cpu", progress=False)[0]
 
     return _run_with_faults(trainer, run, out_dir)
 
@@ -217,7 +219,9 @@ def _distill_rank_worker(corrupted, teacher, config, out_dir: str) -> dict[str, 
 
     def run(with_workdir: bool) -> dict[str, Any]:
         run_config = config if with_workdir else dataclasses.replace(config, workdir=None)
-        return _distill_worker(corrupted, teacher, run_config, None, TASK["kind"], "cpu", False)
+        return distill_student(
+            corrupted, teacher, run_config, task_kind=TASK["kind"], device="cpu", progress=False
+        )
 
     return _run_with_faults(trainer, run, out_dir)
 
@@ -309,7 +313,9 @@ def teacher_runs(data, tmp_path_factory) -> dict[str, Any]:
     trainer.bridge_matching_loss = _SharedDrawLoss(PER_RANK_BATCH * WORLD)
     try:
         single, single_history = _in_parity_dtype(
-            lambda: train_teacher_worker(single_config, data["train"], data["val"], TASK, "cpu", False)
+            lambda: train_teacher(
+                single_config, data["train"], data["val"], task=TASK, device="cpu", progress=False
+            )
         )
     finally:
         trainer.bridge_matching_loss = original
@@ -426,7 +432,7 @@ def test_catalog_version_names_sort_like_kedro_and_register_refuses_older(tmp_pa
 
     moment = datetime.datetime(2026, 1, 2, 3, 4, 5, 678_901, tzinfo=datetime.UTC)
     kedro_style = moment.strftime(VERSION_FORMAT)
-    assert catalog_version_name(moment) == kedro_style[:-4] + kedro_style[-1:] == "2026-01-02T03.04.05.678Z"
+    assert version_name(moment) == kedro_style[:-4] + kedro_style[-1:] == "2026-01-02T03.04.05.678Z"
     entry = tmp_path / "teacher.pt"
     path = register_in_catalog({"kind": "teacher", "catalog_version": "x"}, entry, now=moment)
     assert path == entry / "2026-01-02T03.04.05.678Z" / "teacher.pt"
@@ -467,7 +473,7 @@ def test_torchrun_entry_point_writes_one_checkpoint_and_registers_it(tmp_path, d
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
-        "-m", "ibmd_pipeline.engine.train",
+        "-m", "ibmd_pipeline.commands.train",
         "--stage", "teacher", "--config", str(config), "--data", str(train), "--val-data", str(val),
         "--output", str(output), "--register-catalog", str(entry), "--no-progress",
     ]

@@ -1,4 +1,4 @@
-"""Data-parallel layer: launch, collectives, sharding and DDP equivalence, on CPU with Gloo.
+"""Data-parallel layer: launch environments, collectives, sharding and DDP equivalence, on CPU with Gloo.
 
 The workers below sit at module level because spawned processes import them by reference.
 Run as a script under torchrun, this module is also the example of a plain Python entry
@@ -27,17 +27,13 @@ from ibmd_pipeline.engine.distributed import (
     DistContext,
     DistributedConfig,
     DistributedError,
-    WorkerError,
-    _read_rank0_result,
     all_reduce_mean,
     barrier,
     broadcast_object,
     cleanup_distributed,
     gather_objects,
-    find_free_port,
     init_distributed,
     is_main,
-    launch_local,
     progress_enabled,
     read_launch_environment,
     resolve_backend,
@@ -47,6 +43,7 @@ from ibmd_pipeline.engine.distributed import (
     unwrap,
     wrap_ddp,
 )
+from ibmd_pipeline.engine.launch import launch_local
 
 LAUNCH_VARS = (
     "RANK",
@@ -104,14 +101,6 @@ def _collectives_worker(config: DistributedConfig, tag: str) -> object:
     if ctx.is_main:
         return {"main": seen, "peer": peer}
     return "the value of rank 1, which launch_local must not return"
-
-
-def _failing_worker(config: DistributedConfig) -> str:
-    ctx = init_distributed(config, "cpu")
-    if ctx.rank == 1:
-        raise ValueError("rank 1 cannot continue")
-    barrier(ctx)  # rank 0 waits for a peer that has gone
-    return "unreachable"
 
 
 def _regression_data(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +263,6 @@ def test_helpers_are_identities_in_one_process() -> None:
     assert gather_objects(marker, ctx) == [marker] and gather_objects(marker, ctx)[0] is marker
     barrier(ctx)
     assert is_main(ctx) and progress_enabled(ctx)
-    assert launch_local(divmod, 1, (7, 2)) == (3, 1)  # one process: runs here, no spawn
 
 
 def test_seed_for_rank_keeps_rank0_and_separates_ranks() -> None:
@@ -330,25 +318,6 @@ def test_split_global_batch_is_contiguous_and_must_divide() -> None:
         split_global_batch(batch, _context(0, 4))
 
 
-def test_free_port_can_be_bound() -> None:
-    import socket
-
-    port = find_free_port()
-    assert 0 < port < 65536
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", port))
-
-
-class _NotATensor:
-    pass
-
-
-def test_a_result_that_is_not_weights_only_is_rejected(tmp_path: Path) -> None:
-    torch.save({"model": _NotATensor()}, tmp_path / "result.pt")
-    with pytest.raises(TypeError, match="weights_only"):
-        _read_rank0_result(tmp_path / "result.pt")
-
-
 # --- spawned processes (each launch starts two interpreters: a few seconds) --------------------
 
 
@@ -369,15 +338,6 @@ def test_launch_local_returns_rank0_value_and_collectives_agree_twice_in_a_row()
             assert [(r, text) for r, text, _ in gathered] == [(0, "rank 0"), (1, "rank 1")]
             assert [float(t) for _, _, t in gathered] == [0.5, 1.5]
         assert main["port"] == peer["port"] != 0  # picked at launch, shared by both ranks
-
-
-def test_a_failing_worker_names_its_rank_and_traceback() -> None:
-    with pytest.raises(WorkerError) as err:
-        launch_local(_failing_worker, 2, (TEST_CONFIG,), TEST_CONFIG)
-    assert err.value.rank == 1
-    assert "rank 1 failed" in str(err.value)
-    assert "ValueError: rank 1 cannot continue" in str(err.value)
-    assert "_failing_worker" in err.value.details  # the worker's own traceback text
 
 
 def test_ddp_on_two_ranks_equals_one_process_on_the_global_batch() -> None:

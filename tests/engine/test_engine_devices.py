@@ -22,7 +22,7 @@ from ibmd_pipeline.engine.devices import (
     stage_on_host,
     uses_channels_last,
 )
-from ibmd_pipeline.engine.training import EMA
+from ibmd_pipeline.engine.ema import EMA
 from ibmd_pipeline.networks.unet import UNet, unet_preset
 
 HAS_CUDA = torch.cuda.is_available()

@@ -14,10 +14,11 @@ from torch import nn
 
 from ibmd_pipeline.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ibmd_pipeline.engine.config import ConfigError, parse_config
+from ibmd_pipeline.engine.ema import EMA
+from ibmd_pipeline.engine.loop import run_training
+from ibmd_pipeline.engine.resume import ResumeMismatchError, restore_training_state, training_checkpoint
 from ibmd_pipeline.engine.training import (
-    EMA,
     NonFiniteLossError,
-    ResumeMismatchError,
     TrainConfig,
     TrainingState,
     create_training_state,
@@ -25,10 +26,7 @@ from ibmd_pipeline.engine.training import (
     export_checkpoint,
     lr_factor,
     optimizer_step,
-    restore_training_state,
-    run_training,
     seed_everything,
-    training_checkpoint,
 )
 from ibmd_pipeline.networks.unet import UNet, unet_preset
 

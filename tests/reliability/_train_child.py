@@ -17,13 +17,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ibmd_pipeline.engine.training as training  # noqa: E402
 from distill.conftest import make_corrupted, make_teacher_checkpoint  # noqa: E402
+from teacher.conftest import make_bundle, tiny_params  # noqa: E402
+
+import ibmd_pipeline.engine.loop as loop  # noqa: E402
 from ibmd_pipeline.distill.config import parse_distill_config  # noqa: E402
 from ibmd_pipeline.distill.trainer import distill_student  # noqa: E402
 from ibmd_pipeline.teacher.config import parse_teacher_config  # noqa: E402
 from ibmd_pipeline.teacher.trainer import train_teacher  # noqa: E402
-from teacher.conftest import make_bundle, tiny_params  # noqa: E402
 
 TEACHER_STEPS = 18
 DISTILL_STEPS = 12
@@ -35,7 +36,7 @@ def main() -> None:
     delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     torch.set_num_threads(1)
     steps_log = open(f"{out}.steps", "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
-    original = training.set_learning_rates
+    original = loop.set_learning_rates
 
     def traced(state, step):  # called once at the start of every loop step
         steps_log.write(f"{step}\n")
@@ -44,11 +45,13 @@ def main() -> None:
             time.sleep(delay)
         return original(state, step)
 
-    training.set_learning_rates = traced
+    loop.set_learning_rates = traced
     if kind == "teacher":
         config = parse_teacher_config(
             tiny_params(
-                train={"steps": TEACHER_STEPS, "checkpoint_every": CHECKPOINT_EVERY, "log_every": 3, "seed": 5},
+                train={
+                    "steps": TEACHER_STEPS, "checkpoint_every": CHECKPOINT_EVERY, "log_every": 3, "seed": 5
+                },
                 validation={"every": 0},
             )
             | {"workdir": workdir}

@@ -3,11 +3,11 @@
 Every versioned output goes to ``<filepath>/<save version>/<file>``, the save version being the
 session's timestamp (millisecond resolution). Two sessions therefore write disjoint version
 folders, each complete (atomic writes) and loadable. Two sessions created within the same
-millisecond would share a version: Kedro refuses a save whose versioned path exists, but that
-check and the write are not one atomic step, so the second of two truly simultaneous saves
-could replace the first's file (see docs/reliability.md). Started together, the two children
-did collide that way now and then, so they now create their sessions 50 ms apart (after both
-have imported everything) and then run side by side; the test checks the timestamps differ.
+millisecond would share a version: Kedro refuses a save whose versioned path exists, and the
+datasets' hard-link publish refuses one that appears while the save is written, so the run that
+collides second fails (see docs/reliability.md). Started together, the two children did collide
+now and then, so they create their sessions 50 ms apart (after both have imported everything)
+and then run side by side; the test checks the timestamps differ.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def test_two_simultaneous_degrade_runs_write_distinct_complete_versions(tmp_path
         for version in versions:
             folder = DATA / filepath / version
             assert sorted(p.name for p in folder.iterdir()) == [Path(filepath).name], folder  # no temp files
-            loaded.append(TensorBundleDataset(filepath=str(DATA / filepath), version=Version(version, None)).load())
+            dataset = TensorBundleDataset(filepath=str(DATA / filepath), version=Version(version, None))
+            loaded.append(dataset.load())
         first, second = loaded
         assert first.keys() == second.keys(), name
         for key, value in first.items():  # same parameters and seed: the same bundle, twice

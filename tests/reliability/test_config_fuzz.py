@@ -23,12 +23,13 @@ from hypothesis import strategies as st
 from ibmd_pipeline.data import DataConfig, check_seed
 from ibmd_pipeline.data.image_set import DataError
 from ibmd_pipeline.data.pairs import check_data_and_task
-from ibmd_pipeline.deploy.export import ExportConfig
 from ibmd_pipeline.degradations import TaskConfig
+from ibmd_pipeline.deploy.export import ExportConfig
 from ibmd_pipeline.distill.config import parse_distill_config, resolve_distill
 from ibmd_pipeline.engine.config import ConfigError, parse_config
+from ibmd_pipeline.engine.devices import EngineConfig
 from ibmd_pipeline.evaluation.config import parse_evaluate_config
-from ibmd_pipeline.teacher.config import EngineConfig, parse_teacher_config
+from ibmd_pipeline.teacher.config import parse_teacher_config
 from ibmd_pipeline.teacher.model import CheckpointMismatchError
 from ibmd_pipeline.teacher.trainer import plan_teacher
 
@@ -77,7 +78,9 @@ scalars = st.one_of(
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=2)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=2)
+    ),
     max_leaves=4,
 )
 
@@ -147,7 +150,9 @@ def test_base_parameters_pass_every_validation():
         check(copy.deepcopy(BASE))
 
 
-def _check(check: Callable[[dict[str, Any]], None], params: dict[str, Any], roots: list[str], changed: list[str]):
+def _check(
+    check: Callable[[dict[str, Any]], None], params: dict[str, Any], roots: list[str], changed: list[str]
+):
     try:
         check(params)
     except PROJECT_ERRORS as err:

@@ -1,9 +1,10 @@
 """Crash-safe and untrusted files: interrupted catalog saves, truncated checkpoints, pickled
 classes, undecodable images.
 
-Every catalog dataset writes through ``engine.checkpoint.atomic_write`` (temporary sibling +
-``os.replace``), so a save that dies mid-write leaves nothing under the final name and the
-previous version stays the one Kedro loads.
+Every catalog dataset writes through ``engine.checkpoint.atomic_write`` (temporary sibling, then
+``os.replace``, or a hard link for versioned saves), so a save that dies mid-write leaves nothing
+under the final name and the previous version stays the one Kedro loads (the report datasets:
+``tests/io/test_report_datasets.py``).
 """
 
 from __future__ import annotations

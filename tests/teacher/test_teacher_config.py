@@ -62,7 +62,6 @@ def test_bad_parameters_fail_before_training(monkeypatch, make_bundle, teacher, 
         pytest.fail("training started despite a bad parameter")
 
     monkeypatch.setattr(nodes, "train_teacher", must_not_train)
-    monkeypatch.setattr(nodes, "launch_local", must_not_train)
     bundle = make_bundle("sr4x_pool", 4, seed=0)  # 16x16: three levels at most
     with pytest.raises(ConfigError) as err:
         nodes.train_teacher_node(bundle, bundle, teacher, {"kind": "sr4x_pool", **task}, engine, 0)

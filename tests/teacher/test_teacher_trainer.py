@@ -8,7 +8,7 @@ from numerics import adam_weight_atol, default_dtype, loss_atol
 from torch._dynamo.utils import counters
 
 from ibmd_pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
-from ibmd_pipeline.engine.distributed import DistributedConfig, WorkerError, launch_local
+from ibmd_pipeline.engine.launch import WorkerError, launch_local
 from ibmd_pipeline.io.datasets import TorchCheckpointDataset
 from ibmd_pipeline.teacher import (
     FixedValidationBatch,
@@ -18,7 +18,6 @@ from ibmd_pipeline.teacher import (
     task_from_params,
     teacher_from_checkpoint,
     train_teacher,
-    train_teacher_worker,
 )
 from ibmd_pipeline.teacher import trainer as trainer_module
 
@@ -251,7 +250,7 @@ def _crash_at_training_step(crash_step: int):
 def _crashing_teacher_worker(config, train_bundle, val_bundle, task, crash_step):
     """A DDP worker whose every rank dies at the same training step (module level: spawned)."""
     trainer_module.bridge_matching_loss = _crash_at_training_step(crash_step)
-    return train_teacher_worker(config, train_bundle, val_bundle, task, "cpu", False)
+    return train_teacher(config, train_bundle, val_bundle, task=task, device="cpu", progress=False)
 
 
 def test_compiled_training_matches_eager_and_resumes_with_compile_off(
@@ -312,14 +311,13 @@ def test_two_gloo_processes_train_one_teacher_write_one_checkpoint_and_resume_ex
 ):
     def config_in(workdir):
         params = tiny_params(train={"steps": 4, "batch_size": 4, "checkpoint_every": 2}, workdir=str(workdir))
-        return parse_teacher_config({**params, "distributed": {"nproc_per_node": 2}}, seed=0)
+        distributed = {"nproc_per_node": 2, "timeout_s": 120}
+        return parse_teacher_config({**params, "distributed": distributed}, seed=0)
 
-    launch = DistributedConfig(nproc_per_node=2, timeout_s=120)
     task = {"kind": "sr4x_pool"}
     config = config_in(tmp_path / "straight")
-    checkpoint, history = launch_local(
-        train_teacher_worker, 2, args=(config, *sr_bundles, task, "cpu", False), config=launch
-    )
+    # nproc_per_node = 2: train_teacher spawns the two workers itself and returns rank 0's result.
+    checkpoint, history = train_teacher(config, *sr_bundles, task=task, device="cpu", progress=False)
     assert checkpoint["step"] == 4 and history[-1]["step"] == 4 and "val_loss" in history[-1]
     # Exactly one working checkpoint for the two ranks, written by rank 0 ...
     (run_folder,) = (tmp_path / "straight").glob("run-*")
@@ -340,13 +338,13 @@ def test_two_gloo_processes_train_one_teacher_write_one_checkpoint_and_resume_ex
     # uninterrupted one did.
     crashed = config_in(tmp_path / "crashed")
     with pytest.raises(WorkerError, match="simulated crash at step 3"):
-        launch_local(_crashing_teacher_worker, 2, args=(crashed, *sr_bundles, task, 3), config=launch)
+        launch_local(
+            _crashing_teacher_worker, 2, args=(crashed, *sr_bundles, task, 3), config=crashed.distributed
+        )
     (crashed_folder,) = (tmp_path / "crashed").glob("run-*")
     assert [p.name for p in crashed_folder.iterdir()] == ["last.pt"]
     assert load_checkpoint(crashed_folder / "last.pt")["step"] == 2
-    resumed, resumed_history = launch_local(
-        train_teacher_worker, 2, args=(crashed, *sr_bundles, task, "cpu", False), config=launch
-    )
+    resumed, resumed_history = train_teacher(crashed, *sr_bundles, task=task, device="cpu", progress=False)
     for group in ("models", "ema"):
         for key, value in checkpoint[group]["model"].items():
             assert torch.equal(resumed[group]["model"][key], value), (group, key)

@@ -1,9 +1,11 @@
-"""Restore a user's folder of corrupted images with a distilled student.
+"""Restore a user's corrupted images (a folder of them, or one image) with a distilled student.
 
-:func:`restore_folder` takes a student checkpoint (``student.pt`` from the distill pipeline,
-loaded with ``weights_only=True``) or its TorchScript export, reads every image under the
-input folder, restores it and writes a PNG under the output folder at the same relative path
-(``cats/01.jpg`` -> ``<output>/cats/01.png``).
+:func:`restore_images` takes a student checkpoint (``student.pt`` from the distill pipeline,
+loaded with ``weights_only=True``) or its TorchScript export, either as the file itself or as
+the catalog entry's folder (``data/06_models/student.pt/``, whose latest version it picks, as
+Kedro would). It reads every image under the input folder (or the one input image), restores
+it and writes a PNG under the output folder at the same relative path (``cats/01.jpg`` ->
+``<output>/cats/01.png``; a single image ``01.jpg`` -> ``<output>/01.png``).
 
 Reading: files are read as the data pipeline reads a folder (``data.folders``): hidden files
 and folders are ignored; files that cannot be decoded (truncated, corrupt, not images) are
@@ -28,8 +30,8 @@ depends on the seed and on nothing else about the run (batch size, order, other 
 GPU draws), and a checkpoint and its TorchScript export give the same images.
 
 Safety: the output folder may not be the input folder or lie inside it, no output may land
-inside the input folder, and existing output files are refused unless ``overwrite`` is set.
-All these checks run before anything is restored.
+inside the input folder (or replace the input image), and existing output files are refused
+unless ``overwrite`` is set. All these checks run before anything is restored.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from ibmd_pipeline.deploy.export import (
     student_metadata,
 )
 from ibmd_pipeline.distill.student import student_from_checkpoint
+from ibmd_pipeline.engine.catalog_files import latest_version_file
 from ibmd_pipeline.engine.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from ibmd_pipeline.engine.config import ConfigError
 from ibmd_pipeline.engine.devices import select_device
@@ -70,7 +73,8 @@ __all__ = [
     "image_seed",
     "load_restoration_model",
     "prepare_image",
-    "restore_folder",
+    "resolve_model_file",
+    "restore_images",
 ]
 
 ResizePolicy = Literal["fit", "error"]
@@ -100,17 +104,33 @@ class RestorationModel:
     run: Callable[[dict[str, Tensor | None], int], Tensor]
 
 
+def resolve_model_file(path: Path | str) -> Path:
+    """The model file ``path`` names: the file itself, or for a catalog entry's folder
+    (``data/06_models/student.pt/``) the file of its latest version.
+
+    Raises :class:`CheckpointError` when there is no such file.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        try:
+            return latest_version_file(path)
+        except FileNotFoundError as err:
+            raise CheckpointError(f"model folder {err}") from None
+    if not path.is_file():
+        raise CheckpointError(f"model file '{path}' does not exist")
+    return path
+
+
 def load_restoration_model(path: Path | str, device: torch.device | str = "cpu") -> RestorationModel:
     """Load a student checkpoint (EMA weights) or a TorchScript export on ``device``.
 
-    Raises :class:`CheckpointError` for a missing or unreadable file and
+    ``path`` is the file or its catalog entry's folder (:func:`resolve_model_file`). Raises
+    :class:`CheckpointError` for a missing or unreadable file and
     :class:`~ibmd_pipeline.teacher.model.CheckpointMismatchError` for a checkpoint that is not
     a student's (e.g. the teacher's).
     """
-    path = Path(path).expanduser()
+    path = resolve_model_file(path)
     device = torch.device(device)
-    if not path.is_file():
-        raise CheckpointError(f"model file '{path}' does not exist")
     if is_torchscript_file(path):
         exported = load_torchscript(path, device)
 
@@ -230,11 +250,36 @@ def _listed(names: Sequence[str]) -> str:
 
 
 def _plan(
-    input_dir: Path, output_dir: Path, recursive: bool, overwrite: bool
+    inputs: Path, output_dir: Path, recursive: bool, overwrite: bool
 ) -> dict[str, tuple[Path, Path]]:
     """``{relative name: (input file, output PNG)}``, after every safety check (module docstring)."""
-    if not input_dir.is_dir():
-        raise RestoreError(f"input folder '{input_dir}' does not exist or is not a folder")
+    if inputs.is_file():
+        plan = _plan_image(inputs, output_dir)
+    elif inputs.is_dir():
+        plan = _plan_folder(inputs, output_dir, recursive)
+    else:
+        raise RestoreError(f"input '{inputs}' does not exist (give a folder of images or one image file)")
+    existing = [str(output) for _, output in plan.values() if output.exists()]
+    if existing and not overwrite:
+        raise RestoreError(
+            f"{len(existing)} output file(s) already exist: {_listed(existing)}; "
+            "choose another output folder or allow overwriting them"
+        )
+    return plan
+
+
+def _plan_image(image: Path, output_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """One input image: ``<output_dir>/<its name>.png``, which may not be the image itself."""
+    output = output_dir / Path(image.name).with_suffix(".png")
+    if output.resolve() == image.resolve():
+        raise RestoreError(
+            f"the output '{output}' would replace the input image '{image}'; choose another output folder"
+        )
+    return {image.name: (image, output)}
+
+
+def _plan_folder(input_dir: Path, output_dir: Path, recursive: bool) -> dict[str, tuple[Path, Path]]:
+    """Every file under ``input_dir``, mirrored under ``output_dir`` (which lies outside it)."""
     source = input_dir.resolve()
     target = output_dir.resolve()
     if target == source or target.is_relative_to(source):
@@ -268,21 +313,16 @@ def _plan(
             )
         claimed[output] = name
         plan[name] = (path, output)
-    existing = [str(output) for _, output in plan.values() if output.exists()]
-    if existing and not overwrite:
-        raise RestoreError(
-            f"{len(existing)} output file(s) already exist: {_listed(existing)}; "
-            "choose another output folder or allow overwriting them"
-        )
     return plan
 
 
 @dataclass(frozen=True)
 class RestoreReport:
-    """What :func:`restore_folder` did.
+    """What :func:`restore_images` did.
 
     written: the PNGs, in input order; skipped: ``"name (error)"`` of unreadable files;
-    resized: names of the images that were resized/cropped to the model's size.
+    resized: names of the images that were resized/cropped to the model's size; model_file: the
+    model that restored them (the latest version's file when given a catalog entry's folder).
     """
 
     written: tuple[Path, ...]
@@ -292,6 +332,7 @@ class RestoreReport:
     source: str
     nfe: int
     device: str
+    model_file: Path
 
 
 def _readable(
@@ -317,9 +358,9 @@ def _readable(
         yield name, from_uint8(pixels), output
 
 
-def restore_folder(
+def restore_images(
     model_path: Path | str,
-    input_dir: Path | str,
+    inputs: Path | str,
     output_dir: Path | str,
     *,
     batch_size: int = 16,
@@ -331,9 +372,11 @@ def restore_folder(
     resize: ResizePolicy = "fit",
     progress: bool = True,
 ) -> RestoreReport:
-    """Restore every readable image under ``input_dir`` into PNGs under ``output_dir`` (module docstring).
+    """Restore every readable image under ``inputs`` (a folder, or one image file) into PNGs under
+    ``output_dir`` (module docstring).
 
-    model_path: a student checkpoint (``.pt``) or its TorchScript export.
+    model_path: a student checkpoint (``.pt``) or its TorchScript export, or the catalog entry's
+        folder of either (its latest version).
     batch_size: images per forward pass. device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
     nfe: steps M in [1, N] (default: the student's N). seed: the noise seed (same seed, same
     images). recursive: also read sub-folders (mirrored in the output). overwrite: replace
@@ -352,11 +395,10 @@ def restore_folder(
         torch_device = select_device(device, key="device")
     except ConfigError as err:
         raise RestoreError(err.message) from err
-    input_dir, output_dir = Path(input_dir).expanduser(), Path(output_dir).expanduser()
-    if not Path(model_path).expanduser().is_file():
-        raise CheckpointError(f"model file '{model_path}' does not exist")
-    plan = _plan(input_dir, output_dir, recursive, overwrite)
-    model = load_restoration_model(model_path, torch_device)
+    inputs, output_dir = Path(inputs).expanduser(), Path(output_dir).expanduser()
+    model_file = resolve_model_file(model_path)
+    plan = _plan(inputs, output_dir, recursive, overwrite)
+    model = load_restoration_model(model_file, torch_device)
     metadata = model.metadata
     steps = metadata.nfe if nfe is None else nfe
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= metadata.nfe:
@@ -396,14 +438,14 @@ def restore_folder(
 
     if skipped:
         warnings.warn(
-            f"skipped {len(skipped)} of {len(plan)} files under '{input_dir}' that are not readable images "
+            f"skipped {len(skipped)} of {len(plan)} files under '{inputs}' that are not readable images "
             f"(truncated, corrupt or not images): {_listed(skipped)}",
             DataWarning,
             stacklevel=2,
         )
     if not written:
         raise RestoreError(
-            f"none of the {len(plan)} files under '{input_dir}' is a readable image: {_listed(skipped)}"
+            f"none of the {len(plan)} files under '{inputs}' is a readable image: {_listed(skipped)}"
         )
     if resized:
         size = metadata.image_size
@@ -421,4 +463,5 @@ def restore_folder(
         source=model.source,
         nfe=steps,
         device=str(torch_device),
+        model_file=model_file,
     )

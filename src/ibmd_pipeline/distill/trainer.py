@@ -3,7 +3,7 @@
 Networks: the frozen teacher ``D*``, the auxiliary ("fake") bridge model ``D_phi`` and the
 generator ``G_theta`` (:class:`~ibmd_pipeline.distill.generator.BridgeGenerator`), both
 initialised from the teacher's weights (its EMA weights by default). One step of
-:func:`~ibmd_pipeline.engine.training.run_training` is one generator update::
+:func:`~ibmd_pipeline.engine.loop.run_training` is one generator update::
 
     repeat L times:                                     # auxiliary step, step phi only
         xT ~ corrupted data, z ~ N(0, I);  x0 = G_theta(xT, z) without autograd
@@ -63,29 +63,25 @@ from ibmd_pipeline.engine.devices import (
     describe_device,
     gather_to_device,
     place_module,
-    select_device,
     stage_on_host,
 )
 from ibmd_pipeline.engine.distributed import (
     DistContext,
     all_reduce_mean,
     barrier,
-    init_distributed,
-    launch_local,
-    read_launch_environment,
     split_global_batch,
     wrap_ddp,
 )
+from ibmd_pipeline.engine.launch import launch_mode, run_data_parallel
+from ibmd_pipeline.engine.loop import run_training
+from ibmd_pipeline.engine.resume import WORKING_CHECKPOINT, run_folder_name
 from ibmd_pipeline.engine.training import (
-    WORKING_CHECKPOINT,
     NonFiniteLossError,
     TrainingState,
     create_training_state,
     epoch_batch_indices,
     export_checkpoint,
     optimizer_step,
-    run_folder_name,
-    run_training,
 )
 from ibmd_pipeline.networks.predictors import X0Predictor
 from ibmd_pipeline.teacher.model import LoadedTeacher, teacher_from_checkpoint
@@ -424,9 +420,9 @@ def build_distill_run(
 
 def _train(
     ctx: DistContext,
+    config: DistillConfig,
     corrupted: Tensor,
     teacher_checkpoint: Mapping[str, Any],
-    config: DistillConfig,
     mask: Tensor | None,
     task_kind: str | None,
     progress: bool,
@@ -480,19 +476,6 @@ def _train(
     return export_checkpoint(run.state, run.student_config, extra={"kind": "student"})
 
 
-def _distill_worker(
-    corrupted: Tensor,
-    teacher_checkpoint: Mapping[str, Any],
-    config: DistillConfig,
-    mask: Tensor | None,
-    task_kind: str | None,
-    device: str,
-    progress: bool,
-) -> dict[str, Any]:
-    ctx = init_distributed(config.distributed, device)
-    return _train(ctx, corrupted, teacher_checkpoint, config, mask, task_kind, progress)
-
-
 def distill_student(
     corrupted: Tensor,
     teacher_checkpoint: Mapping[str, Any],
@@ -519,30 +502,19 @@ def distill_student(
         training length from one run. Updates restored from a working checkpoint are not
         re-run, so they give no snapshot. Single-process runs only.
 
-    With ``config.distributed.nproc_per_node > 1`` the run spawns that many local processes;
-    under torchrun/srun this process joins the launcher's group. The returned dict is the
+    It runs in this process, in ``config.distributed.nproc_per_node`` local processes, or as
+    this process's rank of a torchrun/srun job, as
+    :func:`~ibmd_pipeline.engine.launch.run_data_parallel` decides. The returned dict is the
     student checkpoint described in :mod:`ibmd_pipeline.distill.student`.
     """
-    nproc = config.distributed.nproc_per_node
     if snapshot_steps or on_snapshot is not None:
         _check_snapshots(snapshot_steps, on_snapshot, config.train.steps)
-        if nproc > 1 or read_launch_environment() is not None:
+        if launch_mode(config.distributed) != "in_process":
             raise ValueError("snapshots (snapshot_steps / on_snapshot) need a single-process run")
-    if nproc > 1:
-        result = launch_local(
-            _distill_worker,
-            nproc,
-            args=(corrupted, dict(teacher_checkpoint), config, mask, task_kind, device, progress),
-            config=config.distributed,
-        )
-    elif read_launch_environment() is not None:
-        result = _distill_worker(corrupted, teacher_checkpoint, config, mask, task_kind, device, progress)
-    else:
-        ctx = DistContext.single_process(select_device(device))
-        result = _train(
-            ctx, corrupted, teacher_checkpoint, config, mask, task_kind, progress, snapshot_steps, on_snapshot
-        )
-    return result
+    return run_data_parallel(
+        _train, config, corrupted, dict(teacher_checkpoint), mask, task_kind, progress,
+        snapshot_steps, on_snapshot, device=device, key="distill.distributed",
+    )
 
 
 def _check_snapshots(snapshot_steps: Sequence[int], on_snapshot: SnapshotFn | None, steps: int) -> None:

@@ -5,6 +5,7 @@ Nothing here runs at import time; callers pick the device once (``engine.device`
 place networks (:func:`place_module`: device and memory format), copy batches from host
 memory (:func:`stage_on_host`, :func:`gather_to_device`) and compile
 (:func:`compile_module`) only through the helpers here, so each decision is made once.
+:class:`EngineConfig` is the ``params:engine`` block that names the device and the CPU threads.
 """
 
 from __future__ import annotations
@@ -58,6 +59,23 @@ def select_device(preference: str = "auto", key: str = _DEVICE_KEY) -> torch.dev
             raise ConfigError(key, "'mps' requested but Apple MPS is not available here; use 'auto' or 'cpu'")
         return torch.device("mps")
     raise ConfigError(key, f"got {preference!r}; allowed values: {_ALLOWED}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where the work runs (``params:engine``, shared by every pipeline).
+
+    device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+    num_threads: torch's CPU threads; 0 = one per available core.
+    """
+
+    device: str = "auto"
+    num_threads: int = 0
+
+    def validate(self, key: str) -> None:
+        prefix = f"{key}." if key else ""
+        require(self.num_threads >= 0, f"{prefix}num_threads", f"must be >= 0, got {self.num_threads}")
+        select_device(self.device, key=f"{prefix}device")  # an unknown or absent device fails here
 
 
 def available_cores() -> int:

@@ -2,14 +2,15 @@
 
 One training function serves every launcher. It calls :func:`init_distributed` first, then
 works through a :class:`DistContext` (rank, world size, device); the launcher only decides how
-many copies of it run and sets the standard environment variables:
+many copies of it run and sets the standard environment variables (``engine.launch`` decides
+which launcher applies):
 
 - no launcher (plain ``python``, a Kedro node with ``nproc_per_node = 1``, the tests): no
   ``RANK``/``WORLD_SIZE`` in the environment, so the context is rank 0 of 1 and no process
   group exists; every helper below is then a no-op or the identity;
-- :func:`launch_local`: a Kedro node with ``nproc_per_node > 1`` spawns that many local
-  workers, each with ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` set
-  (the port is picked free at launch), and gets rank 0's return value back;
+- ``engine.launch.launch_local``: a stage with ``nproc_per_node > 1`` spawns that many local
+  workers through torch's launcher, each with ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/
+  ``MASTER_ADDR``/``MASTER_PORT`` set, and gets rank 0's return value back;
 - ``torchrun`` (one or many nodes) or ``srun`` (``SLURM_PROCID``/``SLURM_NTASKS``/
   ``SLURM_LOCALID`` when the torchrun variables are absent) around a plain Python entry point.
 
@@ -38,25 +39,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import socket
-import tempfile
-import time
-import traceback
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as torch_mp
 from torch import nn
-from torch.multiprocessing.spawn import ProcessException
 from torch.nn.parallel import DistributedDataParallel
 
-from ibmd_pipeline.engine.checkpoint import atomic_write
 from ibmd_pipeline.engine.config import require
-
-R = TypeVar("R")
 
 Backend = Literal["auto", "gloo", "nccl"]
 
@@ -70,7 +61,7 @@ _SEED_MODULUS = 2**63
 class DistributedConfig:
     """How many processes train together and how they meet (``<stage>.distributed``).
 
-    ``nproc_per_node``: local worker processes a Kedro node spawns (:func:`launch_local`);
+    ``nproc_per_node``: local worker processes a stage spawns (``engine.launch.launch_local``);
     1 trains in the calling process. ``backend``: ``"auto"`` is NCCL on CUDA and Gloo on the
     CPU. ``master_addr``/``master_port``: the rendezvous of local launches and the fallback
     under ``srun`` when ``MASTER_ADDR``/``MASTER_PORT`` are not exported; port 0 picks a free
@@ -150,25 +141,6 @@ class DistributedError(RuntimeError):
     """A launch environment or distributed setting that cannot work."""
 
 
-class WorkerError(RuntimeError):
-    """A worker process of :func:`launch_local` failed.
-
-    ``rank`` is the first rank that failed; ``details`` is its Python traceback (or how it
-    exited when it died without one); ``later_failures`` lists the ranks that failed after it,
-    usually because a peer disappeared from a collective.
-    """
-
-    def __init__(self, rank: int, details: str, later_failures: tuple[int, ...] = ()):
-        self.rank = rank
-        self.details = details
-        self.later_failures = later_failures
-        message = f"distributed worker rank {rank} failed:\n{details.rstrip()}"
-        if later_failures:
-            ranks = ", ".join(str(r) for r in later_failures)
-            message += f"\n(rank(s) {ranks} failed afterwards, most likely as a consequence)"
-        super().__init__(message)
-
-
 def _env_int(environ: Mapping[str, str], name: str) -> int:
     value = environ[name]
     try:
@@ -178,7 +150,7 @@ def _env_int(environ: Mapping[str, str], name: str) -> int:
 
 
 def read_launch_environment(environ: Mapping[str, str] | None = None) -> LaunchEnvironment | None:
-    """Ranks set by torchrun/``launch_local`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or srun.
+    """Ranks set by torchrun or ``launch_local`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or srun.
 
     Returns None when no launcher is present. The srun fallback reads ``SLURM_PROCID``,
     ``SLURM_LOCALID`` and the step's task count ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``:
@@ -322,119 +294,6 @@ def cleanup_distributed() -> None:
     """Destroy the process group if one exists (safe to call in a single process)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def find_free_port(address: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``address`` right now (the OS picks it).
-
-    The socket is closed before rank 0 binds the port, so another program could take it in
-    between; the window is milliseconds and the failure is a clear bind error, never a hang.
-    """
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(address, 0, type=socket.SOCK_STREAM)[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.bind(sockaddr)
-        return int(probe.getsockname()[1])
-
-
-def launch_local(
-    fn: Callable[..., R],
-    nproc: int,
-    args: tuple[Any, ...] = (),
-    config: DistributedConfig | None = None,
-) -> R:
-    """Run ``fn(*args)`` in ``nproc`` local processes and return rank 0's return value.
-
-    ``fn`` must be importable at module level (workers are spawned, so it is pickled by
-    reference) and should start with ``init_distributed(...)``: each worker gets ``RANK`` =
-    ``LOCAL_RANK`` = its index, ``WORLD_SIZE`` = ``nproc`` and ``MASTER_ADDR``/``MASTER_PORT``
-    (``config.master_port``, or a free port picked now when it is 0). Rank 0's value comes back
-    through a file written with ``torch.save`` and read with ``weights_only=True``, so it must
-    be tensors and plain values (state_dicts, numbers, lists/dicts); tensors come back on the
-    CPU. If any worker fails, the others are stopped and :class:`WorkerError` names the first
-    failing rank with its traceback. With ``nproc == 1``, ``fn`` runs in this process.
-    """
-    if nproc < 1:
-        raise ValueError(f"nproc must be >= 1, got {nproc}")
-    if nproc == 1:
-        return fn(*args)
-    config = DistributedConfig(nproc_per_node=nproc) if config is None else config
-
-    port = config.master_port or find_free_port(config.master_addr)
-    with tempfile.TemporaryDirectory(prefix="ibmd-launch-") as exchange:
-        exchange_dir = Path(exchange)
-        context = torch_mp.start_processes(
-            _worker_main,
-            args=(fn, args, nproc, config.master_addr, port, str(exchange_dir)),
-            nprocs=nproc,
-            join=False,
-            start_method="spawn",
-        )
-        try:
-            while not context.join():
-                pass
-        except ProcessException as err:
-            raise _first_failure(err, exchange_dir) from None
-        return _read_rank0_result(exchange_dir / "rank0_result.pt")
-
-
-def _worker_main(
-    local_rank: int,
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    nproc: int,
-    master_addr: str,
-    master_port: int,
-    exchange: str,
-) -> None:
-    """Body of one spawned worker: set the launcher variables, run ``fn``, report back."""
-    os.environ.update(
-        {
-            "RANK": str(local_rank),
-            "LOCAL_RANK": str(local_rank),
-            "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc),
-            "MASTER_ADDR": master_addr,
-            "MASTER_PORT": str(master_port),
-        }
-    )
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Like torchrun: N workers each using every core would oversubscribe the CPU N times.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
-    exchange_dir = Path(exchange)
-    try:
-        result = fn(*args)
-        if local_rank == 0:
-            atomic_write(exchange_dir / "rank0_result.pt", lambda handle: torch.save(result, handle))
-    except Exception:
-        # The time stamp lets the parent tell the first failure from its consequences.
-        report = f"{time.time_ns()}\n{traceback.format_exc()}"
-        atomic_write(exchange_dir / f"rank{local_rank}.error", lambda handle: handle.write(report.encode()))
-        raise
-    cleanup_distributed()
-
-
-def _first_failure(err: ProcessException, exchange_dir: Path) -> WorkerError:
-    """The earliest worker traceback, or how the failing process exited if it left none."""
-    reports = []
-    for path in exchange_dir.glob("rank*.error"):
-        stamp, _, text = path.read_text().partition("\n")
-        reports.append((int(stamp), int(path.stem.removeprefix("rank")), text))
-    if not reports:
-        return WorkerError(err.error_index, str(err).strip())
-    reports.sort()
-    _, rank, text = reports[0]
-    return WorkerError(rank, text, tuple(r for _, r, _ in reports[1:]))
-
-
-def _read_rank0_result(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for values outside the safe set
-        raise TypeError(
-            "the value returned by rank 0 must be tensors and plain values (state_dicts, numbers, "
-            f"strings, lists, dicts) loadable with weights_only=True: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}"
-        ) from err
 
 
 def shard_indices(

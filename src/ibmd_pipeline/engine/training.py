@@ -1,69 +1,52 @@
-"""A small, generic training loop shared by the teacher and the IBMD trainers.
+"""Training state and updates shared by the teacher and the IBMD trainers.
 
-The loop knows nothing about bridges or losses. A trainer supplies
+The engine's training loop (:func:`~ibmd_pipeline.engine.loop.run_training`) knows nothing about
+bridges or losses. A trainer supplies
 
 - a :class:`TrainingState` (from :func:`create_training_state`): the trained modules by name,
   one AdamW per module, EMAs for the modules that want one, the step counter, the logged
-  history and the random generators whose states travel in every checkpoint;
+  history and the random generators whose states travel in every working checkpoint;
 - ``step_fn(state, step) -> {name: loss}``: one training step, which does its own forward
   passes and calls :func:`optimizer_step` once per update (the IBMD trainer calls it L times
   for the auxiliary model and once for the generator within one step).
 
-:func:`run_training` then seeds, resumes from ``workdir/last.pt`` when it belongs to the same
-run configuration, shows a tqdm bar, logs window means, calls the sampling callback, writes
-atomic working checkpoints, and stops (or skips the batch) on a non-finite loss without ever
-overwriting the last good checkpoint. Resuming after a crash reproduces the uninterrupted run
-exactly on the CPU: parameters, optimizer moments, EMAs, the step counter and every random
-state (Python, NumPy, torch global and CUDA, and the state's own generators) are saved.
-
-With several data-parallel ranks (``ctx``), exactly one working checkpoint exists: rank 0
-writes it, holding every rank's random states (gathered at each save, entry ``r`` for rank
-``r``), and on resume every rank reads that one file and restores its own streams. A file
-written by another number of ranks is refused (:class:`ResumeMismatchError`): rank ``r``'s
-streams have no counterpart then.
-
 The learning rate is a pure function of the loop step (:func:`lr_factor`), not of how many
 times an optimizer stepped, so optimizers that update several times per step (IBMD's
-auxiliary model) follow the same schedule and nothing about it needs checkpointing.
+auxiliary model) follow the same schedule and nothing about it needs checkpointing. Batches are
+a pure function of the step too (:func:`epoch_batch_indices`). The final artefact of a run is
+:func:`export_checkpoint`; the working checkpoint for resuming is ``engine.resume``'s.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import hashlib
-import json
-import logging
 import math
 import random
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from ibmd_pipeline.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ibmd_pipeline.engine.config import config_to_dict, require
-from ibmd_pipeline.engine.devices import CompileConfig, autocast_context, is_compiled, place_module
-from ibmd_pipeline.engine.distributed import DistContext, barrier, broadcast_object, gather_objects
+from ibmd_pipeline.engine.config import require
+from ibmd_pipeline.engine.devices import CompileConfig, place_module
+from ibmd_pipeline.engine.ema import EMA
 
-logger = logging.getLogger(__name__)
-
-#: Name of the working checkpoint inside a run's ``workdir``.
-WORKING_CHECKPOINT = "last.pt"
-#: Settings that change how a run is watched, saved or executed, not what it computes: a working
-#: checkpoint may be resumed when only these differ (matched by the last part of the key).
-RESUME_NEUTRAL_KEYS: tuple[str, ...] = ("resume", "log_every", "checkpoint_every", "sample_every", "compile")
-#: /2: ``rng`` is a list of per-rank random states and ``world_size`` says how many ranks wrote
-#: it; /1 files (one process, ``rng`` a single dict) are still read.
-_FORMAT = "ibmd-training-state/2"
-_READABLE_FORMATS = ("ibmd-training-state/1", _FORMAT)
+__all__ = [
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainingState",
+    "check_finite_parameters",
+    "create_training_state",
+    "epoch_batch_indices",
+    "export_checkpoint",
+    "lr_factor",
+    "optimizer_step",
+    "seed_everything",
+    "set_learning_rates",
+]
 
 
 @dataclass(frozen=True)
@@ -165,10 +148,6 @@ class NonFiniteLossError(RuntimeError):
         return (type(self), (self.step, self.name, self.value, self.note))
 
 
-class ResumeMismatchError(CheckpointError):
-    """The working checkpoint in ``workdir`` was written by a different run configuration."""
-
-
 def lr_factor(config: TrainConfig, step: int) -> float:
     """Multiplier of ``config.lr`` at loop step ``step`` (0-based).
 
@@ -192,62 +171,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class EMA:
-    """Exponential moving average of a module's parameters: ``s <- d s + (1 - d) p``.
-
-    The shadow is a frozen deep copy of the module (in eval mode), so it can be evaluated
-    directly (``ema.shadow(x, t)``). Buffers are copied, not averaged.
-    """
-
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        if is_compiled(model):
-            # A deep copy of an in-place compiled module would still call the original's code.
-            raise ValueError("create the EMA before compiling the model (engine.devices.compile_module)")
-        self.decay = decay
-        self.warmup = warmup
-        self.num_updates = 0
-        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def current_decay(self) -> float:
-        """The decay the next update uses (smaller at first when ``warmup`` is set)."""
-        if self.warmup:
-            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        return self.decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the shadow towards ``model``'s current parameters."""
-        weight = 1.0 - self.current_decay()
-        shadow_params = dict(self.shadow.named_parameters())
-        for name, param in model.named_parameters():
-            # lerp: s + (1 - d)(p - s) = d s + (1 - d) p
-            shadow_params[name].lerp_(param.detach(), weight)
-        shadow_buffers = dict(self.shadow.named_buffers())
-        for name, buffer in model.named_buffers():
-            shadow_buffers[name].copy_(buffer)
-        self.num_updates += 1
-
-    def copy_to(self, model: nn.Module) -> None:
-        """Load the averaged weights into ``model``."""
-        model.load_state_dict(self.shadow.state_dict())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "decay": self.decay,
-            "warmup": self.warmup,
-            "num_updates": self.num_updates,
-            "shadow": self.shadow.state_dict(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.shadow.load_state_dict(state["shadow"])
-        self.decay = float(state["decay"])
-        self.warmup = bool(state["warmup"])
-        self.num_updates = int(state["num_updates"])
 
 
 @dataclass
@@ -428,370 +351,14 @@ def epoch_batch_indices(num_items: int, batch_size: int, step: int, seed: int) -
     return torch.cat(pieces)
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _rng_states(state: TrainingState) -> dict[str, Any]:
-    numpy_state = np.random.get_state()
-    states: dict[str, Any] = {
-        "python": _plain(random.getstate()),
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(numpy_state[1], dtype=np.int64)),
-            "pos": int(numpy_state[2]),
-            "has_gauss": int(numpy_state[3]),
-            "cached_gaussian": float(numpy_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-        "generator": state.generator.get_state(),
-    }
-    if state.device_generator is not state.generator:
-        states["device_generator"] = state.device_generator.get_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _plain(value: Any) -> Any:
-    """Tuples to lists, recursively (a weights_only-safe form of Python's RNG state)."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _restore_rng_states(state: TrainingState, states: Mapping[str, Any]) -> None:
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = states["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(states["torch"])
-    state.generator.set_state(states["generator"])
-    if "device_generator" in states and state.device_generator is not state.generator:
-        state.device_generator.set_state(states["device_generator"])
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def training_checkpoint(
-    state: TrainingState,
-    run_config: Mapping[str, Any],
-    rank_rng_states: Sequence[Mapping[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """The working checkpoint: everything needed to continue the run bit for bit.
-
-    rank_rng_states: every rank's random states, entry ``r`` for rank ``r`` (gathered by
-        :func:`run_training`); default: this process's alone, a world of one.
-    """
-    rng = [dict(s) for s in rank_rng_states] if rank_rng_states is not None else [_rng_states(state)]
-    return {
-        "format": _FORMAT,
-        "run_config": dict(run_config),
-        "train_config": config_to_dict(state.config),
-        "step": state.step,
-        "skipped": state.skipped,
-        "history": [dict(record) for record in state.history],
-        "log_window": {key: list(values) for key, values in state.log_window.items()},
-        "models": {name: model.state_dict() for name, model in state.models.items()},
-        "ema": {name: ema.state_dict() for name, ema in state.emas.items()},
-        "optimizers": {name: opt.state_dict() for name, opt in state.optimizers.items()},
-        "world_size": len(rng),
-        "rng": rng,
-    }
-
-
-def restore_training_state(
-    state: TrainingState,
-    payload: Mapping[str, Any],
-    source: str = "checkpoint",
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-) -> None:
-    """Load a :func:`training_checkpoint` payload into ``state`` (built the same way).
-
-    rank / world_size: this process's place in the run; it restores the random states saved
-    for its rank. Raises :class:`ResumeMismatchError` when the payload was written by another
-    number of ranks.
-    """
-    if payload.get("format") not in _READABLE_FORMATS:
-        raise CheckpointError(
-            f"{source} is not a working training checkpoint (format {payload.get('format')!r})"
-        )
-    rank_rng = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]
-    if len(rank_rng) != world_size:
-        raise ResumeMismatchError(
-            f"{source} was written by a run of {len(rank_rng)} process(es), this run has {world_size}: "
-            "each rank's random streams are saved for its own rank and have no counterpart in another "
-            f"world size. Resume with {len(rank_rng)} process(es), or delete the file to start afresh."
-        )
-    for group, own in (("models", state.models), ("optimizers", state.optimizers), ("ema", state.emas)):
-        if set(payload[group]) != set(own):
-            raise CheckpointError(
-                f"{source} holds {group} {sorted(payload[group])}, this run has {sorted(own)}"
-            )
-    loads = [(f"model '{n}'", m, payload["models"][n]) for n, m in state.models.items()]
-    loads += [(f"EMA of '{n}'", e, payload["ema"][n]) for n, e in state.emas.items()]
-    loads += [(f"optimizer of '{n}'", o, payload["optimizers"][n]) for n, o in state.optimizers.items()]
-    for label, target, saved in loads:
-        try:
-            target.load_state_dict(saved)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{source} does not fit the {label} of this run: {err}") from err
-    state.step = int(payload["step"])
-    state.skipped = int(payload["skipped"])
-    state.history = [dict(record) for record in payload["history"]]
-    state.log_window = {key: list(values) for key, values in payload["log_window"].items()}
-    _restore_rng_states(state, rank_rng[rank])
-
-
-def config_differences(stored: Any, current: Any, prefix: str = "", ignore: Sequence[str] = ()) -> list[str]:
-    """Dotted keys where two plain config dicts differ (``key: stored -> current``).
-
-    Keys whose last part is in ``ignore`` are skipped.
-    """
-    if isinstance(stored, Mapping) and isinstance(current, Mapping):
-        lines = []
-        for key in sorted(set(stored) | set(current), key=str):
-            if str(key) in ignore:
-                continue
-            dotted = f"{prefix}.{key}" if prefix else str(key)
-            if key not in stored:
-                lines.append(f"{dotted}: (absent) -> {current[key]!r}")
-            elif key not in current:
-                lines.append(f"{dotted}: {stored[key]!r} -> (absent)")
-            else:
-                lines.extend(config_differences(stored[key], current[key], dotted, ignore))
-        return lines
-    if (
-        isinstance(stored, (list, tuple))
-        and isinstance(current, (list, tuple))
-        and len(stored) == len(current)
-    ):
-        lines = []
-        for i, (a, b) in enumerate(zip(stored, current, strict=True)):
-            lines.extend(config_differences(a, b, f"{prefix}[{i}]", ignore))
-        return lines
-    return [] if stored == current else [f"{prefix or '(root)'}: {stored!r} -> {current!r}"]
-
-
-def _check_params_finite(state: TrainingState) -> None:
+def check_finite_parameters(state: TrainingState) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first parameter (or EMA parameter) that is NaN/inf."""
     modules = [(f"parameters of '{n}'", m) for n, m in state.models.items()]
     modules += [(f"EMA parameters of '{n}'", e.shadow) for n, e in state.emas.items()]
     for label, module in modules:
         for pname, param in module.named_parameters():
             if not _is_finite(param.detach()):
                 raise NonFiniteLossError(state.step, f"{label} ({pname})", float("nan"))
-
-
-def _save_working(state: TrainingState, run_config: Mapping[str, Any], path: Path, ctx: DistContext) -> None:
-    """Rank 0 writes the one working checkpoint, with every rank's random states in it.
-
-    Collective: every rank calls it at the same step. Every rank checks its (identical, under
-    DDP) weights first, so a bad value stops all ranks together; rank 0 then tells the others
-    whether the write succeeded, so a failed write fails every rank instead of leaving them
-    waiting, and no rank runs ahead of a checkpoint that is not on disk yet.
-    """
-    # Never replace a good checkpoint with weights that already went bad.
-    _check_params_finite(state)
-    rank_rng = gather_objects(_rng_states(state), ctx)
-    failure: Exception | None = None
-    if ctx.is_main:
-        try:
-            save_checkpoint(path, training_checkpoint(state, run_config, rank_rng))
-        except Exception as err:  # reported to the other ranks below, then raised here
-            failure = err
-    message = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}", ctx)
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise CheckpointError(f"rank 0 could not write the working checkpoint '{path}': {message}")
-
-
-def _check_ranks_agree(state: TrainingState, ctx: DistContext, path: Path | None) -> None:
-    """Fail on every rank (instead of hanging) when the ranks start from different steps."""
-    if not ctx.distributed:
-        return
-    steps = torch.tensor([state.step, -state.step], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-    if steps[0] != -steps[1]:
-        raise ResumeMismatchError(
-            f"the ranks start from different steps ({int(-steps[1])} to {int(steps[0])}): they do not "
-            f"all see the working checkpoint '{path}'; put the workdir on a file system that every "
-            "node mounts"
-        )
-
-
-# --------------------------------------------------------------------------- the loop
-
-StepFn = Callable[[TrainingState, int], Mapping[str, "Tensor | float"]]
-
-
-def run_training(
-    state: TrainingState,
-    step_fn: StepFn,
-    *,
-    workdir: Path | str | None = None,
-    run_config: Mapping[str, Any] | None = None,
-    progress_desc: str = "train",
-    on_log: Callable[[TrainingState, dict[str, float]], None] | None = None,
-    on_sample: Callable[[TrainingState, int], None] | None = None,
-    progress: bool = True,
-    ctx: DistContext | None = None,
-) -> TrainingState:
-    """Run ``step_fn`` until ``state.config.steps`` steps are done; returns ``state``.
-
-    step_fn(state, step): one training step (``step`` = steps completed so far); returns
-        losses to log (floats or 0-d tensors), all of which must be finite.
-    workdir: folder of the working checkpoint ``last.pt`` (None: no checkpoints, no resume).
-    run_config: plain dict of everything that shapes the result (data, model, bridge and
-        training settings). A working checkpoint is resumed only if its stored copy equals
-        this one, keys in :data:`RESUME_NEUTRAL_KEYS` aside.
-    on_log(state, record): after each history record. on_sample(state, step): every
-        ``sample_every`` steps (models are put back in train mode after it).
-    ctx: this process's place in a data-parallel run (default: one process). Every rank
-        calls ``run_training`` with the same ``workdir``; only rank 0 writes ``last.pt`` (with
-        all ranks' random states), every rank resumes from it. ``workdir`` must be on a file
-        system every node sees.
-
-    A NaN/inf loss or gradient raises :class:`NonFiniteLossError` naming the step and the
-    quantity, leaving ``last.pt`` as it was (or, with ``skip_nonfinite``, skips that step's
-    remaining work and counts it). Updates the step function made earlier in a skipped step
-    stay applied.
-    """
-    config = state.config
-    ctx = DistContext.single_process(state.device) if ctx is None else ctx
-    run_config = dict(run_config or {})
-    path = Path(workdir) / WORKING_CHECKPOINT if workdir is not None else None
-
-    # Nobody reads before every rank got here (a writer of this group, e.g. an earlier run's
-    # rank 0, is done; writes are atomic, so a file is never seen half written).
-    barrier(ctx)
-    if path is not None and config.resume and path.is_file():
-        payload = load_checkpoint(path)
-        differences = config_differences(
-            {"run": payload.get("run_config", {}), "train": payload.get("train_config", {})},
-            {"run": run_config, "train": config_to_dict(config)},
-            ignore=RESUME_NEUTRAL_KEYS,
-        )
-        if differences:
-            raise ResumeMismatchError(
-                f"working checkpoint '{path}' belongs to another configuration "
-                f"({'; '.join(differences[:8])}{' ...' if len(differences) > 8 else ''}). "
-                f"Delete '{path.parent}' (or that file) to start afresh, or set resume: false "
-                f"to overwrite it."
-            )
-        restore_training_state(
-            state, payload, source=f"checkpoint '{path}'", rank=ctx.rank, world_size=ctx.world_size
-        )
-        logger.info("resumed from '%s' at step %d of %d", path, state.step, config.steps)
-    else:
-        seed_everything(state.seed)
-        state.generator.manual_seed(state.seed)
-        if state.device_generator is not state.generator:
-            state.device_generator.manual_seed(state.seed + 1)
-        state.step, state.skipped, state.history, state.log_window = 0, 0, [], {}
-    _check_ranks_agree(state, ctx, path)
-
-    if state.step >= config.steps:
-        return state
-
-    for model in state.models.values():
-        model.train()
-    window_start, window_steps = time.perf_counter(), 0
-    bar = tqdm(
-        total=config.steps,
-        initial=state.step,
-        desc=progress_desc,
-        disable=not progress,
-        mininterval=1.0,
-        dynamic_ncols=True,
-    )
-    try:
-        while state.step < config.steps:
-            step = state.step
-            set_learning_rates(state, step)
-            state.step_metrics = {}
-            try:
-                with autocast_context(state.device, config.bf16):
-                    returned = step_fn(state, step)
-                values = {}
-                for key, value in returned.items():
-                    number = float(value.detach().float()) if isinstance(value, Tensor) else float(value)
-                    if not math.isfinite(number):
-                        raise NonFiniteLossError(step, f"'{key}'", number)
-                    values[key] = number
-            except NonFiniteLossError as err:
-                note = (
-                    f"the last good working checkpoint '{path}' is kept"
-                    if path is not None and path.is_file()
-                    else "no working checkpoint was written for this run yet"
-                )
-                if not config.skip_nonfinite:
-                    raise NonFiniteLossError(err.step, err.name, err.value, note) from err
-                state.skipped += 1
-                if state.skipped > config.max_skipped:
-                    raise NonFiniteLossError(
-                        err.step,
-                        err.name,
-                        err.value,
-                        f"{state.skipped} steps skipped (max_skipped {config.max_skipped}); {note}",
-                    ) from err
-                logger.warning("skipping step %d: %s (%d skipped so far)", step, err, state.skipped)
-                values = {}
-            values.update(state.step_metrics)
-            state.step += 1
-            window_steps += 1
-            for key, number in values.items():
-                state.log_window.setdefault(key, []).append(number)
-            bar.update(1)
-            if values:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:3]}, refresh=False)
-
-            if state.step % config.log_every == 0 or state.step == config.steps:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": float(state.step)}
-                record.update({key: sum(v) / len(v) for key, v in state.log_window.items()})
-                for name, optimizer in state.optimizers.items():
-                    record[f"lr/{name}"] = float(optimizer.param_groups[0]["lr"])
-                record["skipped"] = float(state.skipped)
-                record["sec_per_step"] = elapsed / max(window_steps, 1)
-                state.history.append(record)
-                logger.info(
-                    "%s step %d/%d: %s",
-                    progress_desc,
-                    state.step,
-                    config.steps,
-                    ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"),
-                )
-                if on_log is not None:
-                    on_log(state, record)
-                state.log_window, window_start, window_steps = {}, time.perf_counter(), 0
-
-            if on_sample is not None and config.sample_every and state.step % config.sample_every == 0:
-                on_sample(state, state.step)
-                for model in state.models.values():
-                    model.train()
-
-            if (
-                path is not None
-                and config.checkpoint_every
-                and state.step % config.checkpoint_every == 0
-                and state.step < config.steps
-            ):
-                _save_working(state, run_config, path, ctx)
-    finally:
-        bar.close()
-
-    if path is not None:
-        _save_working(state, run_config, path, ctx)
-    return state
 
 
 def export_checkpoint(
@@ -822,22 +389,3 @@ def export_checkpoint(
         raise ValueError(f"extra keys {clash} would overwrite the checkpoint's own entries")
     payload.update(extra or {})
     return payload
-
-
-def _without_neutral_keys(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _without_neutral_keys(v) for k, v in value.items() if str(k) not in RESUME_NEUTRAL_KEYS}
-    if isinstance(value, (list, tuple)):
-        return [_without_neutral_keys(v) for v in value]
-    return value
-
-
-def run_folder_name(run_config: Mapping[str, Any], train_config: Mapping[str, Any]) -> str:
-    """``run-<12 hex>``: one working-checkpoint folder per configuration that shapes the result.
-
-    Settings that only watch the run (:data:`RESUME_NEUTRAL_KEYS`) do not change the name, so a
-    changed configuration starts its own folder instead of failing to resume another's.
-    """
-    plain = _without_neutral_keys({"run": run_config, "train": train_config})
-    text = json.dumps(plain, sort_keys=True, default=str)
-    return "run-" + hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,29 +1,29 @@
 """Kedro datasets for tensors and checkpoints, written atomically and read without pickle.
 
 * :class:`TensorBundleDataset` stores a ``dict[str, Tensor | ndarray | json-able]`` as ``.npz``
-  (arrays) with a JSON side entry for plain values; loads with ``allow_pickle=False``.
+  (arrays) with a JSON side entry for plain values; loads with ``allow_pickle=False``. The
+  format is ``engine.catalog_files``' (readable without Kedro).
 * :class:`TorchCheckpointDataset` stores a checkpoint dict (state_dicts + config) with
   ``torch.save`` and loads it with ``weights_only=True``. The loaded dict gains the key
   ``catalog_version`` (the version folder it came from, or ``None`` when unversioned) so a
   downstream checkpoint can record which upstream version it was built from.
 
-Both write to a temporary file in the target folder, then ``os.replace`` it into place, so a
-killed process never leaves a half-written file under the final name.
+Both write through ``engine.checkpoint.atomic_write``: a temporary file in the target folder,
+moved into place once complete, so a killed process never leaves a half-written file under the
+final name. A versioned save is published with a hard link, which fails instead of replacing a
+file that appeared under the same version meanwhile.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
 import torch
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version
 
+from ibmd_pipeline.engine.catalog_files import read_bundle, write_bundle
 from ibmd_pipeline.engine.checkpoint import atomic_write, load_checkpoint
-
-_META_KEY = "__meta_json__"
 
 
 class _LocalVersionedDataset(AbstractVersionedDataset):
@@ -70,30 +70,15 @@ class TensorBundleDataset(_LocalVersionedDataset):
     def load(self) -> dict[str, Any]:
         load_path = Path(self._get_load_path())
         try:
-            with np.load(load_path, allow_pickle=False) as archive:
-                arrays = {k: archive[k] for k in archive.files}
+            return read_bundle(load_path)
         except (OSError, ValueError, EOFError) as err:
             raise DatasetError(f"cannot read tensor bundle '{load_path}': {err}") from err
-        meta = json.loads(str(arrays.pop(_META_KEY))) if _META_KEY in arrays else {}
-        bundle: dict[str, Any] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-        bundle.update(meta)
-        return bundle
 
     def save(self, data: dict[str, Any]) -> None:
         if not isinstance(data, dict):
             raise DatasetError(f"{type(self).__name__} saves a dict, got {type(data).__name__}")
-        arrays: dict[str, np.ndarray] = {}
-        meta: dict[str, Any] = {}
-        for key, value in data.items():
-            if isinstance(value, torch.Tensor):
-                arrays[key] = value.detach().cpu().numpy()
-            elif isinstance(value, np.ndarray):
-                arrays[key] = value
-            else:
-                meta[key] = value
-        arrays[_META_KEY] = np.array(json.dumps(meta))
         save_path = Path(self._get_save_path())
-        atomic_write(save_path, lambda f: np.savez_compressed(f, **arrays), overwrite=self._version is None)
+        atomic_write(save_path, lambda f: write_bundle(f, data), overwrite=self._version is None)
 
 
 class TorchCheckpointDataset(_LocalVersionedDataset):

@@ -1,7 +1,6 @@
 """Diffusion bridge teachers: configuration, construction from checkpoints, training."""
 
 from ibmd_pipeline.teacher.config import (
-    EngineConfig,
     SamplerConfig,
     TeacherConfig,
     ValidationConfig,
@@ -30,12 +29,10 @@ from ibmd_pipeline.teacher.trainer import (
     plan_teacher,
     task_from_params,
     train_teacher,
-    train_teacher_worker,
 )
 
 __all__ = [
     "CheckpointMismatchError",
-    "EngineConfig",
     "FixedValidationBatch",
     "LoadedTeacher",
     "NetworkConfig",
@@ -60,5 +57,4 @@ __all__ = [
     "task_from_params",
     "teacher_from_checkpoint",
     "train_teacher",
-    "train_teacher_worker",
 ]

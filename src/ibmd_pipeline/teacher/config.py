@@ -4,7 +4,6 @@
 TeacherModelConfig`), how to optimise it (``train``: :class:`~ibmd_pipeline.engine.training.
 TrainConfig`), how to look at it (``sampler``, ``validation``), where the resumable working
 checkpoint lives (``workdir``) and how many processes train together (``distributed``).
-:class:`EngineConfig` is the shared ``params:engine`` block (device and CPU threads).
 """
 
 from __future__ import annotations
@@ -17,13 +16,11 @@ from typing import Any, Literal
 import torch
 
 from ibmd_pipeline.engine.config import ConfigError, parse_config, require
-from ibmd_pipeline.engine.devices import select_device
 from ibmd_pipeline.engine.distributed import DistributedConfig
 from ibmd_pipeline.engine.training import TrainConfig
 from ibmd_pipeline.teacher.model import TeacherModelConfig
 
 __all__ = [
-    "EngineConfig",
     "SamplerConfig",
     "TeacherConfig",
     "ValidationConfig",
@@ -125,23 +122,6 @@ class TeacherConfig:
         if device.type == "cpu":
             return self.cpu_bf16 == "always" or (self.cpu_bf16 == "auto" and cpu_has_native_bf16())
         return device.type == "cuda"
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Where the work runs (``params:engine``, shared by every pipeline).
-
-    device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-    num_threads: torch's CPU threads; 0 = one per available core.
-    """
-
-    device: str = "auto"
-    num_threads: int = 0
-
-    def validate(self, key: str) -> None:
-        prefix = f"{key}." if key else ""
-        require(self.num_threads >= 0, f"{prefix}num_threads", f"must be >= 0, got {self.num_threads}")
-        select_device(self.device, key=f"{prefix}device")  # an unknown or absent device fails here
 
 
 def parse_teacher_config(

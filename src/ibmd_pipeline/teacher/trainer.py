@@ -5,13 +5,13 @@
 with each schedule's own weighting ``lambda(t) = 1 / c_out(t)^2`` (``bridges.losses``); a
 conditional (DDBM) network also sees ``xT``; for inpainting the error is taken over the hole.
 
-:func:`train_teacher` is the per-rank training function. It runs as is in one process (the
-Kedro node with ``nproc_per_node = 1``, the tests) and unchanged in every worker of
-``engine.distributed.launch_local`` / ``torchrun``: the configured batch is per rank, each rank
-reads its shard of every global batch, gradients are averaged by DDP, logged losses are
-averaged over ranks, and only rank 0 validates, shows progress and exports. The loop itself
-(AdamW, EMA, clipping, LR warm-up and schedule, NaN guard, atomic resumable working
-checkpoints, one per run however many ranks) is ``engine.training.run_training``.
+:func:`train_teacher` runs in one process, in local DDP workers or under torchrun/srun
+(``engine.launch.run_data_parallel`` decides); every process runs the same training function:
+the configured batch is per rank, each rank reads its shard of every global batch, gradients are
+averaged by DDP, logged losses are averaged over ranks, and only rank 0 validates, shows
+progress and exports. The loop itself (AdamW, EMA, clipping, LR warm-up and schedule, NaN guard,
+atomic resumable working checkpoints, one per run however many ranks) is
+``engine.loop.run_training``.
 
 Devices: the network trains in ``channels_last`` on CUDA (``engine.devices.place_module``) and
 is compiled in place when ``train.compile.enabled`` (after placement and the EMA copy, before
@@ -36,25 +36,24 @@ from ibmd_pipeline.bridges.losses import bridge_matching_loss
 from ibmd_pipeline.bridges.schedules import BridgeSchedule, make_schedule
 from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.engine.config import ConfigError, config_to_dict, parse_config
-from ibmd_pipeline.engine.devices import autocast_context, compile_module, describe_device, select_device
+from ibmd_pipeline.engine.devices import autocast_context, compile_module, describe_device
 from ibmd_pipeline.engine.distributed import (
     DistContext,
     all_reduce_mean,
-    init_distributed,
     seed_for_rank,
     split_global_batch,
     wrap_ddp,
 )
+from ibmd_pipeline.engine.launch import run_data_parallel
+from ibmd_pipeline.engine.loop import run_training
+from ibmd_pipeline.engine.resume import config_differences, run_folder_name
 from ibmd_pipeline.engine.training import (
     NonFiniteLossError,
     TrainingState,
-    config_differences,
     create_training_state,
     epoch_batch_indices,
     export_checkpoint,
     optimizer_step,
-    run_folder_name,
-    run_training,
     seed_everything,
 )
 from ibmd_pipeline.networks.predictors import X0Predictor
@@ -76,7 +75,6 @@ __all__ = [
     "plan_teacher",
     "task_from_params",
     "train_teacher",
-    "train_teacher_worker",
 ]
 
 logger = logging.getLogger(__name__)
@@ -297,7 +295,7 @@ def _working_dir(workdir: str | None, run_folder: str) -> Path | None:
     """``workdir/<run folder>``, the folder of the run's one working checkpoint ``last.pt``.
 
     Every rank gets the same folder: rank 0 writes ``last.pt`` with all ranks' random states,
-    and every rank resumes from it (``engine.training.run_training``). One folder per
+    and every rank resumes from it (``engine.loop.run_training``). One folder per
     configuration (:func:`run_folder_name`): changing a setting starts afresh instead of
     failing to resume a run of other settings.
     """
@@ -311,16 +309,18 @@ def train_teacher(
     *,
     task: Mapping[str, Any] | TaskConfig,
     device: torch.device | str = "auto",
-    ctx: DistContext | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, Any], History]:
     """Train a bridge teacher on ``train_bundle``; returns ``(checkpoint, history)``.
 
     config: the run (``TeacherConfig``). train_bundle / val_bundle: degrade bundles
         (``clean``, ``corrupted``, ``mask`` for inpainting). task: ``params:task``.
-    device: ``auto``/``cpu``/``cuda[:N]`` or a device; ignored when ``ctx`` is given.
-    ctx: this process's place in a distributed job (default: one process on ``device``).
+    device: ``engine.device`` (``auto``/``cpu``/``cuda[:N]``) or a device.
     progress: show a tqdm bar (rank 0 only) with the loss and it/s.
+
+    Runs in this process, in ``config.distributed.nproc_per_node`` local DDP workers (rank 0's
+    checkpoint comes back), or as this process's rank of a torchrun/srun job, as
+    :func:`~ibmd_pipeline.engine.launch.run_data_parallel` decides.
 
     The checkpoint follows ``teacher.model``: ``{"kind": "teacher", "config", "models":
     {"model"}, "ema": {"model"}, "step", "history"}`` with CPU tensors. ``history`` holds one
@@ -333,8 +333,21 @@ def train_teacher(
     re-started with the same settings, data and number of processes continues from it, bit for
     bit on the CPU.
     """
-    if ctx is None:
-        ctx = DistContext.single_process(select_device(device) if isinstance(device, str) else device)
+    return run_data_parallel(
+        _train_teacher_rank, config, train_bundle, val_bundle, task, progress,
+        device=device, key="teacher.distributed",
+    )
+
+
+def _train_teacher_rank(
+    ctx: DistContext,
+    config: TeacherConfig,
+    train_bundle: Mapping[str, Any],
+    val_bundle: Mapping[str, Any],
+    task: Mapping[str, Any] | TaskConfig,
+    progress: bool,
+) -> tuple[dict[str, Any], History]:
+    """This process's part of :func:`train_teacher`, at its place ``ctx`` in the job."""
     device = ctx.device
     task_config = task_from_params(task)
     train_pairs = bundle_pairs(train_bundle, task_config, "training")
@@ -444,16 +457,3 @@ def train_teacher(
     )
     checkpoint = export_checkpoint(state, plan.checkpoint_config(config), extra={"kind": "teacher"})
     return checkpoint, checkpoint["history"]
-
-
-def train_teacher_worker(
-    config: TeacherConfig,
-    train_bundle: Mapping[str, Any],
-    val_bundle: Mapping[str, Any],
-    task: Mapping[str, Any],
-    device: str,
-    progress: bool = True,
-) -> tuple[dict[str, Any], History]:
-    """Entry point of one spawned worker (``launch_local(train_teacher_worker, nproc, ...)``)."""
-    ctx = init_distributed(config.distributed, device_preference=device)
-    return train_teacher(config, train_bundle, val_bundle, task=task, ctx=ctx, progress=progress)

@@ -19,9 +19,8 @@ from ibmd_pipeline.distill.config import parse_distill_config
 from ibmd_pipeline.distill.student import student_from_checkpoint
 from ibmd_pipeline.distill.trainer import distill_student, split_held_out
 from ibmd_pipeline.engine.config import ConfigError, parse_config
-from ibmd_pipeline.engine.devices import configure_threads, select_device
+from ibmd_pipeline.engine.devices import EngineConfig, configure_threads, select_device
 from ibmd_pipeline.pipelines.common import make_image_grid
-from ibmd_pipeline.teacher.config import EngineConfig
 from ibmd_pipeline.teacher.model import teacher_from_checkpoint
 
 logger = logging.getLogger(__name__)

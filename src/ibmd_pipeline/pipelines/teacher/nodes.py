@@ -14,12 +14,10 @@ from PIL import Image
 
 from ibmd_pipeline.data import check_seed
 from ibmd_pipeline.degradations import TaskConfig
-from ibmd_pipeline.engine.config import ConfigError, parse_config
-from ibmd_pipeline.engine.devices import configure_threads, select_device
-from ibmd_pipeline.engine.distributed import launch_local
+from ibmd_pipeline.engine.config import parse_config
+from ibmd_pipeline.engine.devices import EngineConfig, configure_threads, select_device
 from ibmd_pipeline.pipelines.common import make_image_grid
 from ibmd_pipeline.teacher import (
-    EngineConfig,
     TeacherConfig,
     TeacherPlan,
     check_teacher_checkpoint,
@@ -30,7 +28,6 @@ from ibmd_pipeline.teacher import (
     task_from_params,
     teacher_from_checkpoint,
     train_teacher,
-    train_teacher_worker,
 )
 
 #: Enlarge grid tiles to at least this many pixels so that 32x32 images stay legible.
@@ -60,31 +57,17 @@ def train_teacher_node(
 ) -> dict[str, Any]:
     """Train the bridge teacher; returns its checkpoint (``teacher.model`` format).
 
-    Runs in this process, or in ``teacher.distributed.nproc_per_node`` local DDP workers.
+    Runs in this process, or in ``teacher.distributed.nproc_per_node`` local DDP workers
+    (``train_teacher`` decides).
     """
     config = parse_teacher_config(teacher, seed=check_seed(seed))
     task_config = task_from_params(task)
     engine_config = parse_config(EngineConfig, engine, "engine")
     _plan(config, task_config, pairs_train)  # network/sampler settings that depend on the data
-    nproc = config.distributed.nproc_per_node
-    if nproc > 1 and engine_config.device.strip().lower().startswith("cuda:"):
-        raise ConfigError(
-            "engine.device",
-            f"{engine_config.device!r} pins all {nproc} processes to one GPU; use 'cuda' or 'auto' "
-            "(each process takes the GPU of its local rank)",
-        )
     configure_threads(engine_config.num_threads)
-    if nproc > 1:
-        checkpoint, _ = launch_local(
-            train_teacher_worker,
-            nproc,
-            args=(config, pairs_train, pairs_val, task_config, engine_config.device),
-            config=config.distributed,
-        )
-    else:
-        checkpoint, _ = train_teacher(
-            config, pairs_train, pairs_val, task=task_config, device=select_device(engine_config.device)
-        )
+    checkpoint, _ = train_teacher(
+        config, pairs_train, pairs_val, task=task_config, device=engine_config.device
+    )
     return checkpoint
 
 

@@ -1,27 +1,27 @@
 """Console entry point for training outside Kedro: one node, many nodes, torchrun or srun.
 
-    python -m ibmd_pipeline.engine.train --stage teacher --config params.yaml \\
+    python -m ibmd_pipeline.commands.train --stage teacher --config params.yaml \\
         --data data/05_model_input/pairs_train.npz/<version>/pairs_train.npz \\
         --val-data data/05_model_input/pairs_val.npz/<version>/pairs_val.npz \\
         --output runs/teacher.pt [--register-catalog data/06_models/teacher.pt]
 
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m ibmd_pipeline.engine.train --stage distill --config params.yaml \\
+        -m ibmd_pipeline.commands.train --stage distill --config params.yaml \\
         --data data/05_model_input/corrupted_train.npz/<version>/corrupted_train.npz \\
         --teacher data/06_models/teacher.pt/<version>/teacher.pt --output runs/student.pt
 
-Each process joins the launcher's process group (:func:`~ibmd_pipeline.engine.distributed.init_distributed`
-reads ``RANK``/``WORLD_SIZE``/... or ``SLURM_*``) and runs the same training function as the
-Kedro node (``teacher.trainer.train_teacher`` / ``distill.trainer.distill_student``). Without a
-launcher, ``<stage>.distributed.nproc_per_node > 1`` spawns local workers exactly as the node
-does. Only rank 0 writes: the checkpoint goes to ``--output`` atomically, in the format of the
-catalog's ``teacher_model`` / ``student_model``; ``--register-catalog`` also writes it as a new
-latest version of that catalog entry so that the next ``kedro run`` loads it.
+It runs the same training function as the Kedro node (``teacher.trainer.train_teacher`` /
+``distill.trainer.distill_student``), which decides how its processes come to be
+(``engine.launch``): under torchrun or srun each process joins the launcher's process group;
+without a launcher, ``<stage>.distributed.nproc_per_node > 1`` spawns local workers exactly as
+the node does. Only rank 0 writes: the checkpoint goes to ``--output`` atomically, in the format
+of the catalog's ``teacher_model`` / ``student_model``; ``--register-catalog`` also writes it as
+a new latest version of that catalog entry so that the next ``kedro run`` loads it.
 
 The ``--config`` file (YAML or JSON) holds the parameters the node would get: the ``teacher``
 or ``distill`` section (the same keys as ``params:teacher`` / ``params:distill``), ``task``,
-``seed`` and optionally ``engine``. This module imports no Kedro: bundles are read with
-``np.load(allow_pickle=False)`` in the format of ``io.datasets.TensorBundleDataset``.
+``seed`` and optionally ``engine``. This module imports no Kedro: bundles and catalog versions
+are read and written with ``engine.catalog_files``, the format of the catalog's datasets.
 """
 
 from __future__ import annotations
@@ -31,31 +31,28 @@ import dataclasses
 import datetime
 import json
 import logging
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
-from ibmd_pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
+from ibmd_pipeline.data import check_seed
+from ibmd_pipeline.degradations import TaskConfig
+from ibmd_pipeline.distill.config import parse_distill_config
+from ibmd_pipeline.distill.trainer import distill_student
+from ibmd_pipeline.engine.catalog_files import new_version_file, read_bundle, version_of
+from ibmd_pipeline.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from ibmd_pipeline.engine.config import ConfigError, parse_config
-from ibmd_pipeline.engine.devices import configure_threads
-from ibmd_pipeline.engine.distributed import (
-    DistributedConfig,
-    barrier,
-    cleanup_distributed,
-    init_distributed,
-    launch_local,
-    read_launch_environment,
-)
+from ibmd_pipeline.engine.devices import EngineConfig, configure_threads
+from ibmd_pipeline.engine.distributed import barrier, cleanup_distributed, init_distributed
+from ibmd_pipeline.engine.launch import is_main_process
+from ibmd_pipeline.teacher import parse_teacher_config, train_teacher
 
 __all__ = [
     "TrainResult",
-    "catalog_version_name",
     "load_bundle",
     "load_run_config",
     "main",
@@ -65,10 +62,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Kedro's version folder format (``kedro.io.core.generate_timestamp``): UTC, milliseconds, ``Z``.
-_VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z$")
-#: The JSON side entry of a ``TensorBundleDataset`` file (plain values such as ``task``).
-_BUNDLE_META_KEY = "__meta_json__"
 _STAGE_KIND = {"teacher": "teacher", "distill": "student"}
 
 
@@ -98,29 +91,14 @@ def load_run_config(path: Path | str) -> dict[str, Any]:
 
 
 def load_bundle(path: Path | str) -> dict[str, Any]:
-    """A ``.npz`` bundle written by the catalog (``TensorBundleDataset``), read without pickle.
-
-    Arrays become tensors; the JSON side entry (``task``, ``class_names``, ...) becomes plain values.
-    """
+    """A ``.npz`` bundle written by the catalog (``TensorBundleDataset``), read without pickle."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"bundle '{path}' does not exist; pass the file inside a version folder, e.g. "
             "data/05_model_input/pairs_train.npz/<version>/pairs_train.npz"
         )
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {key: archive[key] for key in archive.files}
-    meta = json.loads(str(arrays.pop(_BUNDLE_META_KEY))) if _BUNDLE_META_KEY in arrays else {}
-    bundle: dict[str, Any] = {key: torch.from_numpy(np.ascontiguousarray(v)) for key, v in arrays.items()}
-    bundle.update(meta)
-    return bundle
-
-
-def catalog_version_name(now: datetime.datetime | None = None) -> str:
-    """A version folder name in Kedro's format, e.g. ``2026-11-26T15.04.05.123Z`` (UTC)."""
-    now = datetime.datetime.now(tz=datetime.timezone.utc) if now is None else now
-    now = now.astimezone(datetime.timezone.utc)
-    return now.strftime("%Y-%m-%dT%H.%M.%S.") + f"{now.microsecond // 1000:03d}Z"
+    return read_bundle(path)
 
 
 def register_in_catalog(
@@ -133,19 +111,9 @@ def register_in_catalog(
     file. Kedro loads the version folder that sorts last, so the call fails rather than write a
     version older than one already present (a clock behind the last writer's).
     """
-    entry = Path(entry)
-    version = catalog_version_name(now)
-    if entry.exists() and not entry.is_dir():
-        raise FileExistsError(f"'{entry}' is a file; a versioned catalog entry is a folder of versions")
-    existing = sorted(p.name for p in entry.glob("*") if p.is_dir() and _VERSION_RE.match(p.name))
-    if existing and existing[-1] >= version:
-        raise FileExistsError(
-            f"'{entry}' already holds version {existing[-1]}, not older than {version}: the new "
-            "checkpoint would not be the latest; check the clock"
-        )
-    target = entry / version / entry.name
+    target = new_version_file(entry, now)
     payload = {k: v for k, v in checkpoint.items() if k != "catalog_version"}
-    return save_checkpoint(target, payload)
+    return atomic_write(target, lambda handle: torch.save(payload, handle), overwrite=False)
 
 
 def _section(params: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -153,23 +121,6 @@ def _section(params: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     if not isinstance(section, Mapping):
         raise ConfigError(name, f"the config file needs a '{name}' mapping (the keys of params:{name})")
     return section
-
-
-def _teacher_version(path: Path) -> str | None:
-    """The catalog version of a checkpoint inside ``<entry>/<version>/<file>``, else None."""
-    return path.parent.name if _VERSION_RE.match(path.parent.name) else None
-
-
-def _single_launch(config: DistributedConfig, stage: str) -> DistributedConfig:
-    """Under torchrun/srun the launcher made the processes: none may spawn more."""
-    if read_launch_environment() is not None and config.nproc_per_node > 1:
-        logger.info(
-            "%s.distributed.nproc_per_node=%d is ignored: the launcher started the processes",
-            stage,
-            config.nproc_per_node,
-        )
-        return dataclasses.replace(config, nproc_per_node=1)
-    return config
 
 
 def run_stage(
@@ -187,11 +138,6 @@ def run_stage(
     (``train_teacher_node`` / ``distill_node``), inside the launcher's process group when there
     is one. The returned checkpoint has the format of ``teacher_model`` / ``student_model``.
     """
-    # Imported here: the trainers pull in the networks, which the config helpers above do not need.
-    from ibmd_pipeline.data import check_seed
-    from ibmd_pipeline.degradations import TaskConfig
-    from ibmd_pipeline.teacher.config import EngineConfig
-
     if stage not in _STAGE_KIND:
         raise ConfigError("stage", f"got {stage!r}; allowed values: 'teacher', 'distill'")
     task_config = parse_config(TaskConfig, _section(params, "task"), "task")
@@ -200,33 +146,22 @@ def run_stage(
     device = engine_config.device
 
     if stage == "teacher":
-        from ibmd_pipeline.teacher import parse_teacher_config, train_teacher_worker
-
         config = parse_teacher_config(_section(params, "teacher"), seed=check_seed(params.get("seed", 0)))
-        config = dataclasses.replace(config, distributed=_single_launch(config.distributed, stage))
         train_bundle = load_bundle(data)
         if val_data is None:
             logger.warning("no --val-data: the validation loss is taken on the first training pairs")
         val_bundle = train_bundle if val_data is None else load_bundle(val_data)
-        args = (config, train_bundle, val_bundle, task_config, device, progress)
-        if config.distributed.nproc_per_node > 1:
-            checkpoint, _ = launch_local(
-                train_teacher_worker, config.distributed.nproc_per_node, args=args, config=config.distributed
-            )
-            return TrainResult(checkpoint, is_main=True, device=device)
-        checkpoint, _ = train_teacher_worker(*args)
-        return TrainResult(checkpoint, is_main=_is_main(), device=device)
-
-    from ibmd_pipeline.distill.config import parse_distill_config
-    from ibmd_pipeline.distill.trainer import distill_student
+        checkpoint, _ = train_teacher(
+            config, train_bundle, val_bundle, task=task_config, device=device, progress=progress
+        )
+        return TrainResult(checkpoint, is_main=is_main_process(), device=device)
 
     if teacher is None:
         raise ConfigError("teacher", "--stage distill needs --teacher <teacher.pt>")
     config = parse_distill_config(_section(params, "distill"), "distill")
-    config = dataclasses.replace(config, distributed=_single_launch(config.distributed, stage))
     teacher_path = Path(teacher)
     teacher_checkpoint = load_checkpoint(teacher_path)
-    teacher_checkpoint["catalog_version"] = _teacher_version(teacher_path)
+    teacher_checkpoint["catalog_version"] = version_of(teacher_path)
     bundle = load_bundle(data)
     forbidden = sorted(key for key in ("clean", "labels") if key in bundle)
     if forbidden:
@@ -247,17 +182,12 @@ def run_stage(
         device=device,
         progress=progress,
     )
-    return TrainResult(checkpoint, is_main=_is_main(), device=device)
-
-
-def _is_main() -> bool:
-    launch = read_launch_environment()
-    return launch is None or launch.rank == 0
+    return TrainResult(checkpoint, is_main=is_main_process(), device=device)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ibmd_pipeline.engine.train",
+        prog="python -m ibmd_pipeline.commands.train",
         description="Train the teacher or distil the student, in one process or under torchrun/srun.",
     )
     parser.add_argument("--stage", required=True, choices=sorted(_STAGE_KIND))
