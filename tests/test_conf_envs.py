@@ -1,8 +1,9 @@
 """Every committed configuration environment parses and passes each pipeline's validation.
 
 Loads ``conf/`` with the project's own config-loader settings (``settings.py``: ``base`` merged
-key by key under the env) and runs the parsers the nodes run, so a typo or an out-of-range
-value in ``conf/test`` or ``conf/imagenet256`` fails here in a second instead of on a cluster.
+key by key under the env) and validates every section as a run does before its first node
+(``ibmd_pipeline.parameters``), so a typo or an out-of-range value in ``conf/test`` or
+``conf/imagenet256`` fails here in a second instead of on a cluster.
 """
 
 from __future__ import annotations
@@ -13,14 +14,10 @@ from typing import Any
 import pytest
 from kedro.config import OmegaConfigLoader
 
-from ibmd_pipeline.data import DataConfig, check_seed
-from ibmd_pipeline.degradations import TaskConfig
-from ibmd_pipeline.distill.config import parse_distill_config
+from ibmd_pipeline.data import DataConfig
 from ibmd_pipeline.engine.config import ConfigError, parse_config
-from ibmd_pipeline.evaluation.config import parse_evaluate_config
-from ibmd_pipeline.deploy.export import ExportConfig
+from ibmd_pipeline.parameters import SECTION_PARSERS, validate_parameters
 from ibmd_pipeline.settings import CONFIG_LOADER_ARGS
-from ibmd_pipeline.teacher import EngineConfig, parse_teacher_config, plan_teacher
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ENVS = ["base", "test", "imagenet256"]
@@ -36,22 +33,8 @@ def load_params(env: str, **overrides: Any) -> dict[str, Any]:
 
 
 def _parse_all(params: dict[str, Any]) -> dict[str, Any]:
-    data = parse_config(DataConfig, params["data"], "data")
-    task = parse_config(TaskConfig, params["task"], "task")
-    teacher = parse_teacher_config(params["teacher"], seed=check_seed(params["seed"]))
-    plan = plan_teacher(teacher, task, image_size=data.image_size, channels=data.channels)
-    evaluate = parse_evaluate_config(params["evaluate"], "evaluate")
-    for nfe in evaluate.teacher_nfe:  # the evaluation samples the teacher at each of these
-        plan.schedule.grid(nfe)
-    return {
-        "data": data,
-        "task": task,
-        "engine": parse_config(EngineConfig, params["engine"], "engine"),
-        "teacher": teacher,
-        "distill": parse_distill_config(params["distill"], "distill"),
-        "evaluate": evaluate,
-        "export": parse_config(ExportConfig, params["export"], "export"),
-    }
+    """Every section validated, with the teacher planned and the evaluated NFEs checked on it."""
+    return validate_parameters(params, SECTION_PARSERS)
 
 
 @pytest.mark.parametrize("env", ["base", "test"])

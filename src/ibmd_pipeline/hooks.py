@@ -1,4 +1,5 @@
-"""Kedro hooks of the project: optional MLflow tracking of each run (``params:tracking``).
+"""Kedro hooks of the project: every parameter checked before the first node runs, and optional
+MLflow tracking of each run (``params:tracking``).
 
 With ``tracking.enabled: false`` (the default) the hook reads the block, validates it and does
 nothing else: MLflow is not imported and no folder is created. With ``kedro run --params
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
+from kedro.pipeline import Pipeline
 
+from ibmd_pipeline.parameters import parameter_sections, validate_parameters
 from ibmd_pipeline.tracking import (
     MlflowRun,
     TrackingConfig,
@@ -57,6 +60,45 @@ def default_run_name(pipeline_names: list[str] | None, node_names: list[str] | N
     """``teacher``, ``degrade+teacher``, or ``distill:distill_student`` for one Airflow task."""
     name = "+".join(pipeline_names or ["__default__"])
     return f"{name}:{','.join(node_names)}" if node_names else name
+
+
+def requested_pipeline(pipeline_names: list[str] | None) -> Pipeline:
+    """The registered pipelines a run names (``__default__`` when it names none), whole: an
+    Airflow task or ``--nodes`` runs a slice of them."""
+    from kedro.framework.project import pipelines
+
+    return sum((pipelines[name] for name in pipeline_names or ["__default__"]), Pipeline([]))
+
+
+class ParameterValidationHooks:
+    """Validates the parameters of a run before its first node, so that a bad value fails in
+    seconds with the key and the allowed values, and nothing runs or is saved.
+
+    Checked: every section that the *named* pipelines read, even when only some of their nodes
+    run. Each Airflow task runs one node of ``__default__`` in a session of its own, so the
+    first task of a DAG run already refuses a bad ``evaluate`` value instead of the last one,
+    hours of training later. Sections that no named pipeline reads are not checked:
+    ``--pipelines degrade`` is not blocked by a half-edited ``evaluate`` block it never uses
+    (the run that does use it will refuse it before it starts). The one exception is
+    ``engine``: it describes the machine a node runs on (``cuda`` is refused where no GPU is),
+    so it is checked only when a node that reads it runs here; an Airflow plotting task on a
+    CPU worker is not refused for the GPU workers' ``engine.device: cuda``.
+    """
+
+    def __init__(self) -> None:
+        self._params: dict[str, Any] = {}
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._params = dict(context.params)
+
+    @hook_impl(tryfirst=True)  # before any other hook opens an MLflow run or the like
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        """Raise ``ConfigError`` for the first bad value; no node has run yet."""
+        sections = parameter_sections(requested_pipeline(run_params.get("pipeline_names")).inputs())
+        if "engine" not in parameter_sections(pipeline.inputs()):
+            sections.discard("engine")
+        validate_parameters(self._params, sections)
 
 
 class TrackingHooks:

@@ -2,10 +2,11 @@
 
 from kedro.config import OmegaConfigLoader
 
-from ibmd_pipeline.hooks import TrackingHooks
+from ibmd_pipeline.hooks import ParameterValidationHooks, TrackingHooks
 
-# MLflow tracking of each run, off unless ``tracking.enabled`` (conf/base/parameters_tracking.yml).
-HOOKS = (TrackingHooks(),)
+# Every parameter a run's pipelines read is validated before its first node; MLflow tracking of
+# each run is off unless ``tracking.enabled`` (conf/base/parameters_tracking.yml).
+HOOKS = (ParameterValidationHooks(), TrackingHooks())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 # Parameters and globals are merged key by key across environments, so that
