@@ -65,3 +65,17 @@ def test_imagenet256_is_the_paper_scale_setting_once_the_folder_is_given(tmp_pat
     assert list(evaluate.teacher_nfe) == [1, 10, 100, 999]
     # The env writes under its own data root (globals merged over base).
     assert teacher.workdir.startswith("data/imagenet256/")
+
+
+#: The kedro-viz layer of each data folder (the data engineering convention's numbering).
+FOLDER_LAYERS = {"05_model_input": "model_input", "06_models": "models", "07_model_output": "model_output",
+                 "08_reporting": "reporting"}
+
+
+def test_every_catalog_entry_has_the_kedro_viz_layer_of_its_folder() -> None:
+    loader = OmegaConfigLoader(conf_source=str(CONF), **{**CONFIG_LOADER_ARGS, "default_run_env": "base"})
+    catalog = loader["catalog"]
+    assert catalog
+    for name, entry in catalog.items():
+        folder = entry["filepath"].split("/")[-2]
+        assert entry["metadata"]["kedro-viz"]["layer"] == FOLDER_LAYERS[folder], name
