@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
@@ -115,6 +116,33 @@ def start_kedro_mlflow() -> Any:
     return MlflowHook()
 
 
+#: Where kedro-mlflow finds its configuration in conf/<env>/ (the pattern its hook registers).
+MLFLOW_CONFIG_PATTERNS = ["mlflow*", "mlflow*/**", "**/mlflow*"]
+
+
+def attach_mlflow_settings(context: Any) -> None:
+    """Give the context kedro-mlflow's settings as ``context.mlflow``, as the plugin's hook does,
+    but without opening the store: validated ``mlflow.yml``, relative paths made ``file:`` URIs
+    from the project root. The plugin's commands read them (``kedro mlflow ui`` opens the UI on
+    that tracking URI) also while tracking is off. Nothing when kedro-mlflow is not installed.
+    """
+    try:
+        from kedro_mlflow.config.kedro_mlflow_config import KedroMlflowConfig, _validate_uri
+    except ImportError:
+        return
+    context.config_loader.config_patterns.setdefault("mlflow", MLFLOW_CONFIG_PATTERNS)
+    try:
+        values = context.config_loader["mlflow"]
+    except MissingConfigException:
+        values = {}
+    settings = KedroMlflowConfig.model_validate(dict(values))
+    for field in ("mlflow_tracking_uri", "mlflow_registry_uri"):
+        uri = getattr(settings.server, field)
+        if uri is not None:
+            setattr(settings.server, field, _validate_uri(project_path=context.project_path, uri=uri))
+    context.__setattr__("mlflow", settings)  # KedroContext is frozen; the plugin sets it this way too
+
+
 class TrackingHooks:
     """kedro-mlflow's hook, run only when ``params:tracking`` enables it, plus what it leaves out.
 
@@ -144,6 +172,7 @@ class TrackingHooks:
         self._mlflow_hook = None
         self._run = None
         if not self._config.enabled:
+            attach_mlflow_settings(context)
             return
         self._params = {key: value for key, value in context.params.items() if key != "tracking"}
         hook = start_kedro_mlflow()

@@ -161,7 +161,11 @@ def test_tracking_off_starts_no_kedro_mlflow_hook_and_records_nothing(new_runs):
         bootstrap_project(PROJECT_ROOT)
         with KedroSession.create(project_path=PROJECT_ROOT, env="test") as session:
             hooks = session._hook_manager.get_plugins()
+            # kedro-mlflow's settings are on the context for its commands (`kedro mlflow ui`)
+            settings = session.load_context().mlflow
             outputs = session.run(pipeline_names=["degrade"])
+    assert settings.server.mlflow_tracking_uri == STORE.as_uri()
+    assert settings.tracking.experiment.name == "ibmd"
     assert sorted(outputs) == ["corrupted_train", "degrade_grid", "pairs_test"]  # the run did run
     # kedro-mlflow's own hook, which would record every run, is not registered (settings.py)
     assert not any(type(hook).__module__.startswith("kedro_mlflow") for hook in hooks)
