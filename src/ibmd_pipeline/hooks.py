@@ -21,7 +21,7 @@ from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
-from ibmd_pipeline.parameters import parameter_sections, validate_parameters
+from ibmd_pipeline.parameters import check_section_names, parameter_sections, validate_parameters
 from ibmd_pipeline.tracking import (
     TRACKING_REQUIREMENTS,
     MlflowRun,
@@ -84,7 +84,8 @@ class ParameterValidationHooks:
     (the run that does use it will refuse it before it starts). The one exception is
     ``engine``: it describes the machine a node runs on (``cuda`` is refused where no GPU is),
     so it is checked only when a node that reads it runs here; an Airflow plotting task on a
-    CPU worker is not refused for the GPU workers' ``engine.device: cuda``.
+    CPU worker is not refused for the GPU workers' ``engine.device: cuda``. A top-level
+    parameter that is no section at all (a typo such as ``distil``) is refused in every run.
     """
 
     def __init__(self) -> None:
@@ -97,6 +98,7 @@ class ParameterValidationHooks:
     @hook_impl(tryfirst=True)  # before any other hook opens an MLflow run or the like
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         """Raise ``ConfigError`` for the first bad value; no node has run yet."""
+        check_section_names(self._params)
         sections = parameter_sections(requested_pipeline(run_params.get("pipeline_names")).inputs())
         if "engine" not in parameter_sections(pipeline.inputs()):
             sections.discard("engine")

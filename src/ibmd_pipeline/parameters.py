@@ -23,7 +23,7 @@ from ibmd_pipeline.evaluation.config import parse_evaluate_config
 from ibmd_pipeline.teacher import EngineConfig, parse_teacher_config, plan_teacher
 from ibmd_pipeline.tracking import parse_tracking_config
 
-__all__ = ["SECTION_PARSERS", "parameter_sections", "validate_parameters"]
+__all__ = ["SECTION_PARSERS", "check_section_names", "parameter_sections", "validate_parameters"]
 
 
 def _parse_teacher(values: Any) -> Any:
@@ -56,6 +56,14 @@ def parameter_sections(dataset_names: Iterable[str]) -> set[str]:
         elif name.startswith("params:"):
             sections.add(name.removeprefix("params:").split(".", 1)[0])
     return sections
+
+
+def check_section_names(params: Mapping[str, Any]) -> None:
+    """Refuse a top-level parameter that is no section (``--params distil.train.steps=5``), as
+    ``parse_config`` refuses an unknown key inside a section."""
+    unknown = sorted(set(params) - set(SECTION_PARSERS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown parameter section; allowed: {', '.join(SECTION_PARSERS)}")
 
 
 def validate_parameters(params: Mapping[str, Any], sections: Iterable[str]) -> dict[str, Any]:

@@ -18,7 +18,12 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
 from ibmd_pipeline.engine.config import ConfigError
-from ibmd_pipeline.parameters import SECTION_PARSERS, parameter_sections, validate_parameters
+from ibmd_pipeline.parameters import (
+    SECTION_PARSERS,
+    check_section_names,
+    parameter_sections,
+    validate_parameters,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TEST_DATA_ROOT = PROJECT_ROOT / "data" / "test"  # conf/test/globals.yml: data_root
@@ -104,6 +109,12 @@ def test_each_section_fails_with_its_own_key():
         validate_parameters({**BASE_PARAMS, section: value}, set(SECTION_PARSERS) - {section})
 
 
+def test_a_section_name_that_is_no_section_is_refused():
+    check_section_names(BASE_PARAMS)
+    with pytest.raises(ConfigError, match=r"^parameter 'distil': unknown parameter section; allowed: seed, "):
+        check_section_names({**BASE_PARAMS, "distil": {"train": {"steps": 5}}})
+
+
 def test_evaluated_teacher_nfes_are_checked_against_the_teacher_the_run_trains():
     # I2SB's 1000-step discretisation allows at most 999 sampler steps.
     params = {**BASE_PARAMS, "evaluate": {"teacher_nfe": [1, 1000]}}
@@ -145,6 +156,8 @@ def test_a_pipeline_is_not_blocked_by_a_section_it_does_not_read():
     assert recorder.started == ["make_pairs"]  # validation passed; the recorder stopped it there
     with pytest.raises(ConfigError, match=r"data\.image_size"):
         run_session({"data": {"image_size": 4}}, ["degrade"])
+    with pytest.raises(ConfigError, match=r"'distil': unknown parameter section"):  # a typo, in any run
+        run_session({"distil": {"train": {"steps": 5}}}, ["degrade"])
 
 
 def test_the_engine_is_checked_where_a_node_that_uses_it_runs():
