@@ -10,12 +10,13 @@ export KEDRO_DISABLE_TELEMETRY := true
 setup: $(STAMP)
 
 # Re-runs only when the pins change; a second `make setup` is a no-op.
-$(STAMP): requirements.txt requirements-assets.txt requirements-reference.txt pyproject.toml
+$(STAMP): requirements.txt requirements-assets.txt requirements-reference.txt requirements-tracking.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-assets.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-reference.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-tracking.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

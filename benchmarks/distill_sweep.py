@@ -3,12 +3,12 @@ L:K or batch keeps the student closest to its teacher.
 
     python benchmarks/distill_sweep.py --row inpaint_center-ddbm \\
         --grid distill.lr_generator=3e-4,1e-4,3e-5 [--grid distill.aux_steps=1,5] \\
-        [--steps 100] [--every 25] [--threads 2] [--device auto] [--work DIR] [--out FILE]
+        [--steps 100] [--every 25] [--threads 2] [--device auto] [--env ENV] [--out FILE]
 
 Run the row first (``run_benchmarks.py --row ROW`` or ``--quick --row ROW``): the sweep reads
-that run's teacher and corrupted training images from ``benchmarks/work/<row>`` (or
-``<row>.quick`` when only the quick run exists; ``--work`` picks another folder) and its
-parameters as the row ran them. Every combination of the ``--grid`` values (the cartesian
+that run's teacher and corrupted training images from the row's data root and its parameters
+from the row's environment ``conf/bench_<row>`` (give the runner's ``--env`` again if it had
+one; ``--conf-source`` as for the runner). Every combination of the ``--grid`` values (the cartesian
 product, values read as YAML, ``3e-4`` a float) distils a fresh student for ``--steps``
 generator updates from the same seed, with the distillation's own held-out validation every
 ``--every`` updates: the energy distance ("gap") of the EMA student's samples to the teacher's
@@ -36,14 +36,15 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 from run_benchmarks import (  # noqa: E402
+    CONF_DIR,
     ROWS,
-    WORK_DIR,
     RowSessions,
     deep_merge,
     hardware,
     hardware_label,
     parse_rows,
     parse_value,
+    row_data_root,
     row_params,
     write_json,
 )
@@ -96,19 +97,15 @@ def nested(setting: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def row_work(row: str, work: Path | None) -> Path:
-    """The row's work folder: ``work`` if given, else the full run's, else the quick run's."""
-    if work is not None:
-        candidates = [Path(work)]
-    else:
-        candidates = [WORK_DIR / row, WORK_DIR / f"{row}.quick"]
-    for candidate in candidates:
-        if (candidate / "conf").is_dir() and (candidate / "data").is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"no trained run of row {row!r} in {' or '.join(map(str, candidates))}: "
-        f"run `python benchmarks/run_benchmarks.py [--quick] --row {row}` first"
-    )
+def trained_row(row: str, conf_source: Path = CONF_DIR) -> Path:
+    """The row's data root, or ``FileNotFoundError`` naming the command when it has no teacher."""
+    data_root = row_data_root(row, conf_source)
+    if not any((data_root / "06_models" / "teacher.pt").glob("*/teacher.pt")):
+        raise FileNotFoundError(
+            f"no trained run of row {row!r} in {data_root}: "
+            f"run `python benchmarks/run_benchmarks.py [--quick] --row {row}` first"
+        )
+    return data_root
 
 
 def sweep_distill_config(
@@ -178,16 +175,18 @@ def run_sweep(
     every: int,
     threads: int = 2,
     device: str = "auto",
-    work: Path | None = None,
+    env: str | None = None,
+    conf_source: Path = CONF_DIR,
 ) -> dict[str, Any]:
-    """Distil one student per grid setting from the row's trained teacher; returns the sweep."""
+    """Distil one student per grid setting from the row's trained teacher; returns the sweep.
+
+    The row's parameters are those its run had (``--quick`` changed only lengths the sweep sets).
+    """
     (row,) = parse_rows([row])
-    folder = row_work(row, work)
+    folder = trained_row(row, conf_source)
     torch.set_num_threads(threads)
-    quick = folder.name.endswith(".quick")
-    sessions = RowSessions(
-        folder / "conf", row_params(row, quick=quick, device=device, threads=threads)
-    )
+    params = row_params(row, quick=False, device=device, threads=threads, env=env, conf_source=conf_source)
+    sessions = RowSessions(row, params, conf_source)
     params, inputs = sessions.load("teacher_model", "corrupted_train")
     corrupted = inputs["corrupted_train"]
     results = []
@@ -225,8 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=25, help="updates between validations (default 25)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    parser.add_argument("--work", type=Path,
-                        help="the row's work folder (default benchmarks/work/<row>[.quick])")
+    parser.add_argument("--env", help="the --env the row ran with, if any (e.g. test)")
+    parser.add_argument("--conf-source", type=Path, default=CONF_DIR, help="the configuration folder")
     parser.add_argument("--out", type=Path, help="also write the sweep as JSON here")
     args = parser.parse_args(argv)
     try:
@@ -242,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sweep = run_sweep(
             args.row, grid, steps=args.steps, every=args.every, threads=args.threads,
-            device=args.device, work=args.work,
+            device=args.device, env=args.env, conf_source=args.conf_source,
         )
     except FileNotFoundError as err:
         print(err, file=sys.stderr)

@@ -5,12 +5,15 @@
         [--set distill.train.steps=600 ...] [--env ENV] [--out benchmarks/results]
     python benchmarks/run_benchmarks.py --table [--update-readme]
 
-A row runs the project's pipelines ``degrade -> teacher -> distill -> evaluate`` in Kedro
-sessions, as ``kedro run --pipelines=... --params ...`` would, with the row's settings
-(:data:`ROWS`) as runtime parameters over ``conf/base`` (and ``--env``, if given). Each row has
-its own data root, ``benchmarks/work/<row>/data`` (a copy of ``conf/`` whose ``globals.yml``
-points there: Kedro does not take runtime parameters in globals), so rows never mix outputs;
-the folder is wiped when the row starts, so every timing is of a fresh run. Then, at the row's
+Each row is a Kedro configuration environment, ``conf/bench_<row>/``: its settings
+(``parameters.yml``, merged key by key over ``conf/base``) and its own data root
+(``globals.yml``: ``benchmarks/work/<row>/data``), so rows never mix outputs. ``kedro run --env
+bench_<row>`` runs a row's pipelines by hand. The runner runs them, ``degrade -> teacher ->
+distill -> evaluate``, in Kedro sessions on that environment, as ``kedro run --env bench_<row>
+--pipelines=... --params ...`` would; the row's data root is wiped when the row starts, so every
+timing is of a fresh run. ``--env ENV`` puts another environment's parameters (e.g. ``test``'s
+tiny sizes) beneath the row's: Kedro layers one environment over ``base``, so they are passed
+as runtime parameters, with the row's own settings again over them. Then, at the row's
 settings, the cost of one IBMD update (its L auxiliary updates and one generator update) is
 compared with one teacher training step: seconds, measured alternately in this process, and
 peak memory, each in a fresh process (``_common.py``, shared with ``distill_cpu.py``).
@@ -31,7 +34,8 @@ training length from one run, next to the distillation time spent until then.
 
 ``--quick`` runs one row (``sr4x_bicubic`` unless ``--row`` is given) with a short teacher
 (600 steps), a short distillation (100 updates) and 100 evaluated images at teacher NFE 1, 10
-and 100: about 15 minutes on 2 CPU cores. A full row (conf/base settings) takes about 35-75
+and 100: about 15 minutes on 2 CPU cores. It runs in the row's data root too (replacing a full
+run's working data there, never its results file). A full row (conf/base settings) takes about 35-75
 minutes there. Run rows on a quiet machine: other processes inflate every wall time.
 """
 
@@ -52,7 +56,7 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +82,10 @@ from ibmd_pipeline.evaluation import (  # noqa: E402
 logger = logging.getLogger("run_benchmarks")
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-WORK_DIR = ROOT / "benchmarks" / "work"
+CONF_DIR = ROOT / "conf"
 README = ROOT / "README.md"
-#: The configuration environment each row's copy of ``conf/`` runs as (globals + ``--env``).
-BENCHMARK_ENV = "benchmark"
+#: A row's configuration environment is ``conf/<ROW_ENV_PREFIX><row>/``.
+ROW_ENV_PREFIX = "bench_"
 TABLE_START = "<!-- benchmark-table:start -->"
 TABLE_END = "<!-- benchmark-table:end -->"
 SCHEMA = "ibmd-benchmark/1"
@@ -95,74 +99,24 @@ SCIENTIFIC = re.compile(r"[+-]?\d+[eE][+-]?\d+")
 
 @dataclass(frozen=True)
 class Row:
-    """One row of the grid: its labels and its parameters over ``conf/base`` (runtime params)."""
+    """One row of the grid: the labels of its table lines. Its settings are its environment's
+    (``conf/bench_<row>/parameters.yml``, :func:`row_settings`)."""
 
     task: str
     teacher: str
     student_nfe: int
-    params: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _i2sb(ot_ode: bool = False) -> dict[str, Any]:
-    return {"model": {"schedule": "i2sb", "conditional": False, "ot_ode": ot_ode}}
-
-
-DDBM_CONDITIONAL = {"model": {"schedule": "ddbm_vp", "conditional": True, "ot_ode": False}}
-#: L:K 5:1 and lr 3e-5 for DDBM's multi-step students instead of the paper's 1:1 for DDBM
-#: inpainting (resolved when ``aux_steps`` is null) and the CPU default lr 3e-4. Inpainting: at
-#: 1:1 the student drifted away from the teacher at every lr from 3e-4 to 1e-5, at 5:1 and 3e-5
-#: it stayed at the teacher's NFE-5 gap (benchmarks/results/sweeps/inpaint_center-ddbm-*.json,
-#: ``distill_sweep.py``). Sketch, 2 steps: at 5:1 and 3e-4 the student's NFE-2 distance to the
-#: teacher's NFE 100 rose from 0.018 to 0.054 over 300 updates (NFE-2 FID 104.5,
-#: benchmarks/results/sweeps/sketch-n2-lr3e-4-row.json); at 3e-5 it held until about 150
-#: updates and ended at 0.038 (FID 100.7; the teacher's own 2-step sampler scores 91.3).
-DDBM_MULTISTEP_SCHEDULE = {"aux_steps": 5, "lr_generator": 3e-5}
-SR_JPEG_EVALUATE = {"teacher_nfe": [1, 10, 100, I2SB_FULL_CHAIN_NFE], "student_nfe": [1]}
-
-#: The grid of the paper on the embedded data; everything not named here is conf/base's.
+#: The grid of the paper on the embedded data, in table order.
 ROWS: dict[str, Row] = {
-    "sr4x_bicubic": Row(
-        "sr4x_bicubic", "I2SB (unconditional)", 1,
-        {"task": {"kind": "sr4x_bicubic"}, "teacher": _i2sb(), "distill": {"student_nfe": 1},
-         "evaluate": SR_JPEG_EVALUATE},
-    ),
-    "sr4x_pool": Row(
-        "sr4x_pool", "I2SB (unconditional)", 1,
-        {"task": {"kind": "sr4x_pool"}, "teacher": _i2sb(), "distill": {"student_nfe": 1},
-         "evaluate": SR_JPEG_EVALUATE},
-    ),
-    "jpeg5": Row(
-        "jpeg (quality 5)", "I2SB (unconditional)", 1,
-        {"task": {"kind": "jpeg", "jpeg_quality": 5}, "teacher": _i2sb(), "distill": {"student_nfe": 1},
-         "evaluate": SR_JPEG_EVALUATE},
-    ),
-    "jpeg10": Row(
-        "jpeg (quality 10)", "I2SB (unconditional)", 1,
-        {"task": {"kind": "jpeg", "jpeg_quality": 10}, "teacher": _i2sb(), "distill": {"student_nfe": 1},
-         "evaluate": SR_JPEG_EVALUATE},
-    ),
-    "inpaint_center-i2sb": Row(
-        "inpaint_center", "I2SB (OT-ODE)", 4,
-        {"task": {"kind": "inpaint_center"}, "teacher": _i2sb(ot_ode=True), "distill": {"student_nfe": 4},
-         "evaluate": {"student_nfe": [1, 2, 4]}},
-    ),
-    "inpaint_center-ddbm": Row(
-        "inpaint_center", "DDBM-VP (conditional)", 4,
-        {"task": {"kind": "inpaint_center"}, "teacher": DDBM_CONDITIONAL,
-         "distill": {"student_nfe": 4, **DDBM_MULTISTEP_SCHEDULE},
-         "evaluate": {"student_nfe": [1, 2, 4]}},
-    ),
-    "sketch-n1": Row(
-        "sketch", "DDBM-VP (conditional)", 1,
-        {"task": {"kind": "sketch"}, "teacher": DDBM_CONDITIONAL, "distill": {"student_nfe": 1},
-         "evaluate": {"student_nfe": [1]}},
-    ),
-    "sketch-n2": Row(
-        "sketch", "DDBM-VP (conditional)", 2,
-        {"task": {"kind": "sketch"}, "teacher": DDBM_CONDITIONAL,
-         "distill": {"student_nfe": 2, **DDBM_MULTISTEP_SCHEDULE},
-         "evaluate": {"student_nfe": [1, 2]}},
-    ),
+    "sr4x_bicubic": Row("sr4x_bicubic", "I2SB (unconditional)", 1),
+    "sr4x_pool": Row("sr4x_pool", "I2SB (unconditional)", 1),
+    "jpeg5": Row("jpeg (quality 5)", "I2SB (unconditional)", 1),
+    "jpeg10": Row("jpeg (quality 10)", "I2SB (unconditional)", 1),
+    "inpaint_center-i2sb": Row("inpaint_center", "I2SB (OT-ODE)", 4),
+    "inpaint_center-ddbm": Row("inpaint_center", "DDBM-VP (conditional)", 4),
+    "sketch-n1": Row("sketch", "DDBM-VP (conditional)", 1),
+    "sketch-n2": Row("sketch", "DDBM-VP (conditional)", 2),
 }
 QUICK_ROW = "sr4x_bicubic"
 #: ``--quick``: short teacher and distillation, fewer images, no full teacher chain (~15 min).
@@ -229,11 +183,53 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
+def row_env(row: str) -> str:
+    """The Kedro configuration environment of a row: ``bench_<row>``."""
+    return f"{ROW_ENV_PREFIX}{row}"
+
+
+def _loader(conf_source: Path, env: str, *, alone: bool = False) -> Any:
+    """The project's config loader on ``env`` over ``base``, or on ``env`` alone."""
+    from kedro.config import OmegaConfigLoader
+
+    from ibmd_pipeline.settings import CONFIG_LOADER_ARGS
+
+    if alone:  # `env` as the base, nothing over it: exactly what its own files say
+        return OmegaConfigLoader(conf_source=str(conf_source), base_env=env, default_run_env=env)
+    return OmegaConfigLoader(conf_source=str(conf_source), env=env, **CONFIG_LOADER_ARGS)
+
+
+def env_parameters(env: str, conf_source: Path = CONF_DIR) -> dict[str, Any]:
+    """The parameters that the files of ``conf/<env>`` alone set (what it changes over base)."""
+    check_env(env, conf_source)
+    return dict(_loader(conf_source, env, alone=True)["parameters"])
+
+
+def row_settings(row: str, conf_source: Path = CONF_DIR) -> dict[str, Any]:
+    """A row's settings over ``conf/base``: its environment's ``parameters.yml``."""
+    return env_parameters(row_env(row), conf_source)
+
+
+def row_data_root(row: str, conf_source: Path = CONF_DIR) -> Path:
+    """The row's data root (its environment's ``data_root``; relative to the project root)."""
+    return ROOT / _loader(conf_source, row_env(row))["globals"]["data_root"]
+
+
 def row_params(
-    row: str, *, quick: bool, device: str, threads: int, extra: Mapping[str, Any] | None = None
+    row: str,
+    *,
+    quick: bool,
+    device: str,
+    threads: int,
+    extra: Mapping[str, Any] | None = None,
+    env: str | None = None,
+    conf_source: Path = CONF_DIR,
 ) -> dict[str, Any]:
-    """The runtime parameters of a row: its settings, then ``--quick``'s, the engine's, ``--set``."""
-    params = deep_merge(ROWS[row].params, QUICK_PARAMS if quick else {})
+    """The runtime parameters of a row: ``--env``'s, the row's own settings over them, then
+    ``--quick``'s, the engine's and ``--set``."""
+    params = env_parameters(env, conf_source) if env is not None else {}
+    params = deep_merge(params, row_settings(row, conf_source))
+    params = deep_merge(params, QUICK_PARAMS if quick else {})
     params = deep_merge(params, {"engine": {"device": device, "num_threads": threads}})
     return deep_merge(params, extra or {})
 
@@ -243,30 +239,14 @@ def results_path(out: Path, row: str, quick: bool) -> Path:
     return Path(out) / f"{row}{'.quick' if quick else ''}.json"
 
 
-def check_env(env: str | None) -> None:
-    """``ValueError`` naming the available ones unless ``env`` is None or a folder of ``conf/``."""
+def check_env(env: str | None, conf_source: Path = CONF_DIR) -> None:
+    """``ValueError`` naming the available ones unless ``env`` is None or a folder of ``conf/``
+    (a row's environment included)."""
     if env is None:
         return
-    available = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name != "base")
+    available = sorted(p.name for p in Path(conf_source).iterdir() if p.is_dir() and p.name != "base")
     if env not in available:
         raise ValueError(f"unknown configuration environment {env!r}; allowed: {', '.join(available)}")
-
-
-def prepare_conf(work: Path, data_root: Path, env: str | None = None) -> Path:
-    """A fresh copy of ``conf/base`` under ``work/conf`` and an environment ``benchmark`` (a copy
-    of ``conf/<env>`` when given) whose ``globals.yml`` sets ``data_root``; returns the copy."""
-    check_env(env)
-    conf = work / "conf"
-    shutil.rmtree(conf, ignore_errors=True)
-    shutil.copytree(ROOT / "conf" / "base", conf / "base")
-    target = conf / BENCHMARK_ENV
-    if env is not None:
-        shutil.copytree(ROOT / "conf" / env, target)
-    target.mkdir(parents=True, exist_ok=True)
-    globals_file = target / "globals.yml"
-    values = yaml.safe_load(globals_file.read_text()) if globals_file.is_file() else None
-    globals_file.write_text(yaml.safe_dump({**(values or {}), "data_root": str(data_root)}))
-    return conf
 
 
 # ------------------------------------------------------------------------------ facts
@@ -337,23 +317,24 @@ def add_speedups(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 class RowSessions:
-    """Kedro sessions over one row's configuration copy, as ``kedro run --env benchmark`` would."""
+    """Kedro sessions on a row's environment, as ``kedro run --env bench_<row> --params ...``."""
 
-    def __init__(self, conf: Path, params: Mapping[str, Any]):
+    def __init__(self, row: str, params: Mapping[str, Any], conf_source: Path = CONF_DIR):
         from kedro.framework.startup import bootstrap_project
 
         bootstrap_project(ROOT)
-        self.conf = conf
+        self.env = row_env(row)
+        self.conf_source = Path(conf_source)
         self.params = dict(params)
 
     @contextlib.contextmanager
     def session(self):
         from kedro.framework.session import KedroSession
 
-        # Relative paths in parameters resolve against the working directory, as for `kedro run`.
+        # Relative paths (data root, working folders) resolve against the project root, as for `kedro run`.
         with contextlib.chdir(ROOT):
             with KedroSession.create(
-                project_path=ROOT, env=BENCHMARK_ENV, conf_source=str(self.conf), runtime_params=self.params
+                project_path=ROOT, env=self.env, conf_source=str(self.conf_source), runtime_params=self.params
             ) as session:
                 yield session
 
@@ -369,6 +350,20 @@ class RowSessions:
         with self.session() as session:
             context = session.load_context()
             return context.params, {name: context.catalog.load(name) for name in names}
+
+
+def wipe_data_root(row: str, data_root: Path) -> None:
+    """Remove a row's previous outputs (a finished teacher would be resumed, not timed).
+
+    Only a folder ``.../<row>/data`` is wiped: a data root set to anything else (the project's
+    own ``data/`` by a mistake in ``globals.yml``) is refused, not deleted.
+    """
+    if data_root.name != "data" or data_root.parent.name != row:
+        raise ValueError(
+            f"row {row!r}: refusing to wipe the data root {data_root}; a row's data root must be "
+            f"a folder '<...>/{row}/data' (conf/{row_env(row)}/globals.yml)"
+        )
+    shutil.rmtree(data_root, ignore_errors=True)
 
 
 def teacher_settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
@@ -604,26 +599,26 @@ def run_row(
     threads: int = 2,
     device: str = "auto",
     out: Path = RESULTS_DIR,
-    work_root: Path = WORK_DIR,
+    conf_source: Path = CONF_DIR,
     env: str | None = None,
     curve: Sequence[int] = (),
     extra_params: Mapping[str, Any] | None = None,
     cost_rounds: int = 5,
     command: str | None = None,
 ) -> Path:
-    """Run one row end to end in a fresh ``<work_root>/<row>`` and write its results file."""
+    """Run one row end to end in its freshly wiped data root and write its results file."""
     (row,) = parse_rows([row])
-    check_env(env)
+    check_env(env, conf_source)
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
     torch.set_num_threads(threads)
     chosen = select_device(device)
-    work = Path(work_root) / f"{row}{'.quick' if quick else ''}"
-    shutil.rmtree(work, ignore_errors=True)  # a finished teacher would otherwise be resumed, not timed
-    data_root = (work / "data").resolve()
-    conf = prepare_conf(work, data_root, env)
-    overrides = row_params(row, quick=quick, device=device, threads=threads, extra=extra_params)
-    sessions = RowSessions(conf, overrides)
+    data_root = row_data_root(row, conf_source)
+    wipe_data_root(row, data_root)
+    overrides = row_params(
+        row, quick=quick, device=device, threads=threads, extra=extra_params, env=env, conf_source=conf_source
+    )
+    sessions = RowSessions(row, overrides, conf_source)
     label = f"{row}{' (quick)' if quick else ''}"
     logger.info("row %s: data under %s, parameters %s", label, data_root, overrides)
 
@@ -790,10 +785,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distill-steps-curve", metavar="N,N,...", help="FID after these generator updates")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="another parameter over the row's, e.g. distill.train.steps=600 (repeatable)")
-    parser.add_argument("--env", help="a conf/ environment to layer over conf/base (e.g. imagenet256)")
+    parser.add_argument("--env", help="a conf/ environment's parameters beneath the row's (e.g. test)")
     parser.add_argument("--cost-rounds", type=int, default=5, help="alternating timing rounds (default 5)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
-    parser.add_argument("--work", type=Path, default=WORK_DIR, help="folder of the rows' data roots")
+    parser.add_argument("--conf-source", type=Path, default=CONF_DIR,
+                        help="the configuration folder holding base and the rows' bench_<row> environments")
     parser.add_argument("--table", action="store_true", help="only print the table of the results in --out")
     parser.add_argument("--update-readme", action="store_true", help="write the table into README.md")
     parser.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)
@@ -812,7 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1 or args.cost_rounds < 1:
             raise ValueError("--threads and --cost-rounds must be >= 1")
         select_device(args.device, key="--device")
-        check_env(args.env)
+        check_env(args.env, args.conf_source)
     except ValueError as err:  # ConfigError is a ValueError too
         parser.error(str(err))
     if not args.table and not rows:
@@ -825,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             run_row(
                 row, quick=args.quick, threads=args.threads, device=args.device, out=args.out,
-                work_root=args.work, env=args.env, curve=curve, extra_params=extra,
+                conf_source=args.conf_source, env=args.env, curve=curve, extra_params=extra,
                 cost_rounds=args.cost_rounds, command=command,
             )
         except Exception:  # one failed row must not cost the rows after it

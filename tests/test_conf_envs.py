@@ -1,8 +1,9 @@
 """Every committed configuration environment parses and passes each pipeline's validation.
 
 Loads ``conf/`` with the project's own config-loader settings (``settings.py``: ``base`` merged
-key by key under the env) and runs the parsers the nodes run, so a typo or an out-of-range
-value in ``conf/test`` or ``conf/imagenet256`` fails here in a second instead of on a cluster.
+key by key under the env) and validates every section as a run does before its first node
+(``ibmd_pipeline.parameters``), so a typo or an out-of-range value in ``conf/test`` or
+``conf/imagenet256`` fails here in a second instead of on a cluster.
 """
 
 from __future__ import annotations
@@ -13,15 +14,10 @@ from typing import Any
 import pytest
 from kedro.config import OmegaConfigLoader
 
-from ibmd_pipeline.data import DataConfig, check_seed
-from ibmd_pipeline.degradations import TaskConfig
-from ibmd_pipeline.deploy.export import ExportConfig
-from ibmd_pipeline.distill.config import parse_distill_config
+from ibmd_pipeline.data import DataConfig
 from ibmd_pipeline.engine.config import ConfigError, parse_config
-from ibmd_pipeline.engine.devices import EngineConfig
-from ibmd_pipeline.evaluation.config import parse_evaluate_config
+from ibmd_pipeline.parameters import SECTION_PARSERS, validate_parameters
 from ibmd_pipeline.settings import CONFIG_LOADER_ARGS
-from ibmd_pipeline.teacher import parse_teacher_config, plan_teacher
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ENVS = ["base", "test", "imagenet256"]
@@ -37,22 +33,18 @@ def load_params(env: str, **overrides: Any) -> dict[str, Any]:
 
 
 def _parse_all(params: dict[str, Any]) -> dict[str, Any]:
-    data = parse_config(DataConfig, params["data"], "data")
-    task = parse_config(TaskConfig, params["task"], "task")
-    teacher = parse_teacher_config(params["teacher"], seed=check_seed(params["seed"]))
-    plan = plan_teacher(teacher, task, image_size=data.image_size, channels=data.channels)
-    evaluate = parse_evaluate_config(params["evaluate"], "evaluate")
-    for nfe in evaluate.teacher_nfe:  # the evaluation samples the teacher at each of these
-        plan.schedule.grid(nfe)
-    return {
-        "data": data,
-        "task": task,
-        "engine": parse_config(EngineConfig, params["engine"], "engine"),
-        "teacher": teacher,
-        "distill": parse_distill_config(params["distill"], "distill"),
-        "evaluate": evaluate,
-        "export": parse_config(ExportConfig, params["export"], "export"),
-    }
+    """Every section validated, with the teacher planned and the evaluated NFEs checked on it.
+
+    ``teacher_import`` is left out: it names a file only a user has, and is checked when the
+    ``import_teacher`` pipeline runs (see the test below)."""
+    return validate_parameters(params, set(SECTION_PARSERS) - {"teacher_import"})
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_the_import_section_asks_for_the_official_file_only_when_it_is_used(env: str) -> None:
+    params = load_params(env)
+    with pytest.raises(ConfigError, match=r"teacher_import\.checkpoint.*required"):
+        validate_parameters(params, {"teacher_import"})
 
 
 @pytest.mark.parametrize("env", ["base", "test"])
@@ -83,3 +75,17 @@ def test_imagenet256_is_the_paper_scale_setting_once_the_folder_is_given(tmp_pat
     assert list(evaluate.teacher_nfe) == [1, 10, 100, 999]
     # The env writes under its own data root (globals merged over base).
     assert teacher.workdir.startswith("data/imagenet256/")
+
+
+#: The kedro-viz layer of each data folder (the data engineering convention's numbering).
+FOLDER_LAYERS = {"05_model_input": "model_input", "06_models": "models", "07_model_output": "model_output",
+                 "08_reporting": "reporting"}
+
+
+def test_every_catalog_entry_has_the_kedro_viz_layer_of_its_folder() -> None:
+    loader = OmegaConfigLoader(conf_source=str(CONF), **{**CONFIG_LOADER_ARGS, "default_run_env": "base"})
+    catalog = loader["catalog"]
+    assert catalog
+    for name, entry in catalog.items():
+        folder = entry["filepath"].split("/")[-2]
+        assert entry["metadata"]["kedro-viz"]["layer"] == FOLDER_LAYERS[folder], name

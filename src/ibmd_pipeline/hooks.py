@@ -1,11 +1,13 @@
-"""Kedro hooks of the project: optional MLflow tracking of each run (``params:tracking``).
+"""Kedro hooks of the project: every parameter checked before the first node runs, and optional
+MLflow tracking of each run through kedro-mlflow (``params:tracking``).
 
-With ``tracking.enabled: false`` (the default) the hook reads the block, validates it and does
-nothing else: MLflow is not imported and no folder is created. With ``kedro run --params
-tracking.enabled=true`` every ``kedro run`` (every Airflow task too) becomes one MLflow run
-holding the parameters, tags, the teacher's and the student's training curves, the evaluation
-metrics and the report artefacts as they are saved. The work is done by
-:mod:`ibmd_pipeline.tracking`; this module only connects it to Kedro's run events.
+With ``tracking.enabled: false`` (the default) the tracking hook reads the block, validates it
+and does nothing else: kedro-mlflow's hook is not started and nothing is written. With
+``kedro run --params tracking.enabled=true`` every ``kedro run`` (every Airflow task too) becomes
+one MLflow run, opened, named, tagged and closed by kedro-mlflow as configured in
+``conf/base/mlflow.yml``; this module adds what the plugin does not log by itself (all the
+parameters up front, Airflow ids, training curves, evaluation metrics and report artefacts),
+done by :mod:`ibmd_pipeline.tracking`.
 """
 
 from __future__ import annotations
@@ -13,19 +15,22 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
+from kedro.pipeline import Pipeline
 
+from ibmd_pipeline.parameters import check_section_names, parameter_sections, validate_parameters
 from ibmd_pipeline.tracking import (
+    TRACKING_REQUIREMENTS,
     MlflowRun,
     TrackingConfig,
+    TrackingMissingError,
     airflow_tags,
     evaluation_metrics,
-    flatten_params,
+    offline_mlflow_environment,
     parse_tracking_config,
-    resolve_tracking_uri,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,61 +64,173 @@ def default_run_name(pipeline_names: list[str] | None, node_names: list[str] | N
     return f"{name}:{','.join(node_names)}" if node_names else name
 
 
+def requested_pipeline(pipeline_names: list[str] | None) -> Pipeline:
+    """The registered pipelines a run names (``__default__`` when it names none), whole: an
+    Airflow task or ``--nodes`` runs a slice of them."""
+    from kedro.framework.project import pipelines
+
+    return sum((pipelines[name] for name in pipeline_names or ["__default__"]), Pipeline([]))
+
+
+class ParameterValidationHooks:
+    """Validates the parameters of a run before its first node, so that a bad value fails in
+    seconds with the key and the allowed values, and nothing runs or is saved.
+
+    Checked: every section that the *named* pipelines read, even when only some of their nodes
+    run. Each Airflow task runs one node of ``__default__`` in a session of its own, so the
+    first task of a DAG run already refuses a bad ``evaluate`` value instead of the last one,
+    hours of training later. Sections that no named pipeline reads are not checked:
+    ``--pipelines degrade`` is not blocked by a half-edited ``evaluate`` block it never uses
+    (the run that does use it will refuse it before it starts). The one exception is
+    ``engine``: it describes the machine a node runs on (``cuda`` is refused where no GPU is),
+    so it is checked only when a node that reads it runs here; an Airflow plotting task on a
+    CPU worker is not refused for the GPU workers' ``engine.device: cuda``. A top-level
+    parameter that is no section at all (a typo such as ``distil``) is refused in every run.
+    """
+
+    def __init__(self) -> None:
+        self._params: dict[str, Any] = {}
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._params = dict(context.params)
+
+    @hook_impl(tryfirst=True)  # before any other hook opens an MLflow run or the like
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        """Raise ``ConfigError`` for the first bad value; no node has run yet."""
+        check_section_names(self._params)
+        sections = parameter_sections(requested_pipeline(run_params.get("pipeline_names")).inputs())
+        if "engine" not in parameter_sections(pipeline.inputs()):
+            sections.discard("engine")
+        validate_parameters(self._params, sections)
+
+
+def start_kedro_mlflow() -> Any:
+    """A fresh kedro-mlflow ``MlflowHook``, or :class:`TrackingMissingError` with the install
+    command when the plugin or MLflow is missing."""
+    try:
+        from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
+    except ImportError as err:
+        raise TrackingMissingError(
+            f"parameter 'tracking.enabled' is true but kedro-mlflow cannot be imported ({err}): "
+            f"{TRACKING_REQUIREMENTS}, or run without tracking"
+        ) from err
+    return MlflowHook()
+
+
+#: Where kedro-mlflow finds its configuration in conf/<env>/ (the pattern its hook registers).
+MLFLOW_CONFIG_PATTERNS = ["mlflow*", "mlflow*/**", "**/mlflow*"]
+
+
+def attach_mlflow_settings(context: Any) -> None:
+    """Give the context kedro-mlflow's settings as ``context.mlflow``, as the plugin's hook does,
+    but without opening the store: validated ``mlflow.yml``, relative paths made ``file:`` URIs
+    from the project root. The plugin's commands read them (``kedro mlflow ui`` opens the UI on
+    that tracking URI) also while tracking is off. Nothing when kedro-mlflow is not installed.
+    """
+    try:
+        from kedro_mlflow.config.kedro_mlflow_config import KedroMlflowConfig, _validate_uri
+    except ImportError:
+        return
+    context.config_loader.config_patterns.setdefault("mlflow", MLFLOW_CONFIG_PATTERNS)
+    try:
+        values = context.config_loader["mlflow"]
+    except MissingConfigException:
+        values = {}
+    settings = KedroMlflowConfig.model_validate(dict(values))
+    for field in ("mlflow_tracking_uri", "mlflow_registry_uri"):
+        uri = getattr(settings.server, field)
+        if uri is not None:
+            setattr(settings.server, field, _validate_uri(project_path=context.project_path, uri=uri))
+    context.__setattr__("mlflow", settings)  # KedroContext is frozen; the plugin sets it this way too
+
+
 class TrackingHooks:
-    """Records each Kedro run in MLflow when ``params:tracking`` enables it."""
+    """kedro-mlflow's hook, run only when ``params:tracking`` enables it, plus what it leaves out.
+
+    Every Kedro event is handed on to kedro-mlflow's ``MlflowHook`` (its own automatic
+    registration is off in ``settings.py``, else it would record every run). Added to its run:
+
+    * every parameter section at the start, formatted by the plugin's own parameter logging
+      (it logs only the parameters of the nodes that run, and an Airflow task runs one node);
+    * tags: the Airflow DAG, DAG-run, task ids and try number, and the task kind;
+    * the teacher's and the student's training curves, as stepped metrics, read from the saved
+      checkpoints (kedro-mlflow's metric datasets would need a node output per curve);
+    * the evaluation report as metrics and the plots, grids and reports as artefacts, as they
+      are saved (kedro-mlflow's artefact dataset would wrap, and change, every catalog entry);
+    * the error of a failed run as the tag ``error``.
+    """
 
     def __init__(self) -> None:
         self._config = TrackingConfig()
         self._params: dict[str, Any] = {}
-        self._project_path = Path.cwd()
+        self._mlflow_hook: Any = None
         self._run: MlflowRun | None = None
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
-        """Validate ``params:tracking`` once per session, before anything runs."""
-        params = context.params
-        self._config = parse_tracking_config(params.get("tracking"))
-        self._params = dict(params) if self._config.enabled else {}
-        self._project_path = Path(context.project_path)
+        """Validate ``params:tracking``; when enabled, start kedro-mlflow (it reads mlflow.yml)."""
+        self._config = parse_tracking_config(context.params.get("tracking"))
+        self._mlflow_hook = None
+        self._run = None
+        if not self._config.enabled:
+            attach_mlflow_settings(context)
+            return
+        self._params = {key: value for key, value in context.params.items() if key != "tracking"}
+        hook = start_kedro_mlflow()
+        offline_mlflow_environment(os.environ)
+        hook.after_context_created(context)
+        self._mlflow_hook = hook
+
+    @hook_impl
+    def after_catalog_created(
+        self,
+        catalog: Any,
+        conf_catalog: dict[str, Any],
+        conf_creds: dict[str, Any],
+        parameters: dict[str, Any],
+        save_version: str,
+        load_versions: dict[str, str],
+    ) -> None:
+        if self._mlflow_hook is not None:
+            self._mlflow_hook.after_catalog_created(
+                catalog, conf_catalog, conf_creds, parameters, save_version, load_versions
+            )
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
-        """Open the MLflow run (fails here, before any node, when MLflow is missing)."""
-        if not self._config.enabled:
+        """Open the MLflow run (after the parameters were validated) and log the parameters."""
+        hook = self._mlflow_hook
+        if hook is None:
             return
-        if self._run is not None:  # an earlier run in this process was interrupted
-            self._run.finish(failed=True)
-            self._run = None
-        config = self._config
-        pipeline_names = run_params.get("pipeline_names")
-        node_names = run_params.get("node_names")
-        tags = {
-            "kedro.session_id": str(run_params.get("run_id")),
-            "kedro.pipelines": ",".join(pipeline_names or ["__default__"]),
-            "kedro.env": str(run_params.get("env")),
-            "kedro.version": str(run_params.get("kedro_version")),
-            **airflow_tags(os.environ),
-        }
-        if node_names:
-            tags["kedro.nodes"] = ",".join(node_names)
-        task = self._params.get("task")
-        if isinstance(task, Mapping) and "kind" in task:
-            tags["task"] = str(task["kind"])
-        uri = resolve_tracking_uri(config.uri, self._project_path)
-        run = MlflowRun.start(
-            uri,
-            config.experiment,
-            run_name=config.run_name or default_run_name(pipeline_names, node_names),
-            tags=tags,
-        )
+        run_config = hook.mlflow_config.tracking.run
+        if run_config.name is None:
+            run_config.name = default_run_name(run_params.get("pipeline_names"), run_params.get("node_names"))
+        hook.before_pipeline_run(run_params=run_params, pipeline=pipeline, catalog=catalog)
+        if hook.run_id is None:  # mlflow.yml's `disable_tracking.pipelines` lists these pipelines
+            return
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowRun(MlflowClient(tracking_uri=hook.mlflow_config.server.mlflow_tracking_uri), hook.run_id)
         try:
-            run.log_params(flatten_params(self._params, exclude=("tracking",)))
-        except Exception:
+            tags = airflow_tags(os.environ)
+            task = self._params.get("task")
+            if isinstance(task, Mapping) and "kind" in task:
+                tags["task"] = str(task["kind"])
+            run.set_tags(tags)
+            parameters = {f"params:{name}": value for name, value in self._params.items()}
+            hook.before_node_run(node=None, catalog=catalog, inputs=parameters, is_async=False)
+        except Exception as error:
             # Kedro calls no error hook for a failure here: close the run before raising.
-            run.finish(failed=True)
+            hook.on_pipeline_error(error=error, run_params=run_params, pipeline=pipeline, catalog=catalog)
             raise
         self._run = run
-        logger.info("MLflow run %s in experiment '%s' at %s", run.run_id, config.experiment, uri)
+        logger.info("MLflow run %s at %s", hook.run_id, hook.mlflow_config.server.mlflow_tracking_uri)
+
+    @hook_impl
+    def before_node_run(self, node: Any, catalog: Any, inputs: dict[str, Any], is_async: bool) -> None:
+        if self._run is not None:
+            self._mlflow_hook.before_node_run(node=node, catalog=catalog, inputs=inputs, is_async=is_async)
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node: Any) -> None:
@@ -129,13 +246,11 @@ class TrackingHooks:
             run.log_object(data, ARTIFACT_FILES[dataset_name])
 
     @hook_impl
-    def after_pipeline_run(
-        self, run_params: dict[str, Any], run_result: Any, pipeline: Any, catalog: Any
-    ) -> None:
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         """Close the MLflow run as finished."""
-        if self._run is not None:
-            self._run.finish()
-            self._run = None
+        if self._mlflow_hook is not None:
+            self._mlflow_hook.after_pipeline_run(run_params=run_params, pipeline=pipeline, catalog=catalog)
+        self._run = None
 
     @hook_impl
     def on_pipeline_error(
@@ -144,5 +259,8 @@ class TrackingHooks:
         """Close the MLflow run as failed, with the error as a tag."""
         if self._run is not None:
             self._run.set_tags({"error": f"{type(error).__name__}: {error}"[:_ERROR_TAG_LIMIT]})
-            self._run.finish(failed=True)
-            self._run = None
+        if self._mlflow_hook is not None:
+            self._mlflow_hook.on_pipeline_error(
+                error=error, run_params=run_params, pipeline=pipeline, catalog=catalog
+            )
+        self._run = None

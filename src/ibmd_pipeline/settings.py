@@ -2,10 +2,15 @@
 
 from kedro.config import OmegaConfigLoader
 
-from ibmd_pipeline.hooks import TrackingHooks
+from ibmd_pipeline.hooks import ParameterValidationHooks, TrackingHooks
 
-# MLflow tracking of each run, off unless ``tracking.enabled`` (conf/base/parameters_tracking.yml).
-HOOKS = (TrackingHooks(),)
+# Every parameter a run's pipelines read is validated before its first node; MLflow tracking of
+# each run is off unless ``tracking.enabled`` (conf/base/parameters_tracking.yml).
+HOOKS = (ParameterValidationHooks(), TrackingHooks())
+# kedro-mlflow registers a hook of its own that would record every run in MLflow; TrackingHooks
+# hands it Kedro's events only when tracking is enabled. (Both spellings: the distribution's
+# metadata name has been written either way.)
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow", "kedro-mlflow")
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 # Parameters and globals are merged key by key across environments, so that

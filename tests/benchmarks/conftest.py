@@ -1,8 +1,10 @@
 """One tiny benchmark row, run once for the benchmark scripts' tests.
 
-``row_run`` runs ``run_benchmarks.run_row("sr4x_bicubic")`` on the ``test`` settings with its
-data root under a temporary folder: nothing is written to ``benchmarks/results``,
-``benchmarks/work`` or ``data/``.
+``row_run`` runs ``run_benchmarks.run_row("sr4x_bicubic", env="test")``: the row's environment
+``bench_sr4x_bicubic`` with the ``test`` env's sizes beneath its settings. Its configuration is
+a copy of ``conf/`` whose row environment points the data root into a temporary folder, so
+nothing is written to ``benchmarks/results``, ``benchmarks/work`` or ``data/`` (and a real row's
+data root is never wiped by a test).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run_benchmarks as rb  # noqa: E402
+from row_conf import ROW, isolated_conf  # noqa: E402
 
 #: The test env evaluates the teacher at NFE 1 and 4 (a full 999-step chain has no place in a unit test).
 TEST_EVALUATE = {"evaluate": {"teacher_nfe": [1, 4]}}
@@ -26,11 +30,12 @@ CURVE = (2, 4)  # conf/test distils 4 updates: the curve's last point is the row
 
 @pytest.fixture(scope="session")
 def row_run(tmp_path_factory) -> tuple[Path, dict[str, Any], Path]:
-    """``(results file, its JSON, root)``; the row's work folder is ``root/work/sr4x_bicubic``."""
+    """``(results file, its JSON, root)``; the row's data root is ``root/work/sr4x_bicubic/data``
+    and its configuration ``root/conf``."""
     root = tmp_path_factory.mktemp("benchmarks")
     path = rb.run_row(
-        "sr4x_bicubic", env="test", threads=torch.get_num_threads(), device="cpu",
-        out=root / "results", work_root=root / "work", curve=CURVE, extra_params=TEST_EVALUATE,
-        cost_rounds=1, command="pytest",
+        ROW, env="test", threads=torch.get_num_threads(), device="cpu", out=root / "results",
+        conf_source=isolated_conf(root), curve=CURVE, extra_params=TEST_EVALUATE, cost_rounds=1,
+        command="pytest",
     )
     return path, json.loads(path.read_text()), root

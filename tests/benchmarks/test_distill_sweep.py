@@ -13,6 +13,7 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
 import distill_sweep as ds  # noqa: E402
+from row_conf import isolated_conf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def sweep(row_run):
     grid = ds.parse_grid(["distill.lr_generator=1e-3,1e-5"])
     return ds.run_sweep(
         "sr4x_bicubic", grid, steps=2, every=1, threads=torch.get_num_threads(), device="cpu",
-        work=root / "work" / "sr4x_bicubic",
+        env="test", conf_source=root / "conf",
     )
 
 
@@ -54,7 +55,7 @@ def test_the_command_writes_its_json(row_run, tmp_path, capsys):
     _, _, root = row_run
     out = tmp_path / "sweep.json"
     code = ds.main([
-        "--row", "sr4x_bicubic", "--work", str(root / "work" / "sr4x_bicubic"), "--steps", "1",
+        "--row", "sr4x_bicubic", "--env", "test", "--conf-source", str(root / "conf"), "--steps", "1",
         "--every", "1", "--device", "cpu", "--threads", str(torch.get_num_threads()), "--out", str(out),
     ])
     assert code == 0
@@ -95,9 +96,10 @@ def test_a_key_given_twice_is_refused():
 
 
 def test_a_row_without_a_trained_run_says_how_to_get_one(tmp_path, capsys):
+    conf = isolated_conf(tmp_path, "jpeg5")  # its data root is an empty temporary folder
     with pytest.raises(FileNotFoundError, match="run_benchmarks.py"):
-        ds.row_work("jpeg5", tmp_path / "missing")
+        ds.trained_row("jpeg5", conf)
     with pytest.raises(SystemExit):
         ds.main(["--row", "no_such_row"])
     assert "allowed" in capsys.readouterr().err
-    assert ds.main(["--row", "jpeg5", "--work", str(tmp_path / "missing"), "--device", "cpu"]) == 2
+    assert ds.main(["--row", "jpeg5", "--conf-source", str(conf), "--device", "cpu"]) == 2

@@ -1,9 +1,9 @@
 """``benchmarks/run_benchmarks.py``: one grid row end to end on the tiny ``test`` settings, the
 results file's schema and arithmetic, the grid's settings, the table and the README block.
 
-The row runs the real pipelines in Kedro sessions over a copy of ``conf/`` (env ``test`` layered
-as the row's ``benchmark`` environment) with its data root under ``tmp_path``: nothing is
-written to ``benchmarks/results``, ``benchmarks/work`` or ``data/``.
+The row runs the real pipelines in Kedro sessions on its environment ``bench_sr4x_bicubic`` with
+the ``test`` env's sizes beneath its settings, over a copy of ``conf/`` that moves its data root
+under ``tmp_path``: nothing is written to ``benchmarks/results``, ``benchmarks/work`` or ``data/``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.distill.config import parse_distill_config
 from ibmd_pipeline.engine.config import parse_config
 from ibmd_pipeline.evaluation import parse_evaluate_config, resolve_student_nfe
+from ibmd_pipeline.parameters import SECTION_PARSERS, validate_parameters
 from ibmd_pipeline.settings import CONFIG_LOADER_ARGS
 from ibmd_pipeline.teacher.config import parse_teacher_config
 from ibmd_pipeline.teacher.trainer import plan_teacher
@@ -28,6 +28,7 @@ from ibmd_pipeline.teacher.trainer import plan_teacher
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
 import run_benchmarks as rb  # noqa: E402
+from row_conf import isolated_conf  # noqa: E402
 
 RESULT_KEYS = {
     "schema", "row", "task", "task_config", "labels", "teacher", "distill", "evaluate", "quick", "env",
@@ -192,16 +193,18 @@ def test_table_command_updates_the_readme_or_refuses_without_markers(row_run, tm
 # ---------------------------------------------------------------- the grid's settings
 
 
-def _parameters(row: str) -> dict[str, Any]:
-    overrides = rb.row_params(row, quick=False, device="cpu", threads=1)
-    args = {**CONFIG_LOADER_ARGS, "default_run_env": "base"}
-    loader = OmegaConfigLoader(conf_source=str(PROJECT_ROOT / "conf"), runtime_params=overrides, **args)
-    return loader["parameters"]
+def _loader(row: str) -> OmegaConfigLoader:
+    """The configuration ``kedro run --env bench_<row>`` sees."""
+    conf = str(PROJECT_ROOT / "conf")
+    return OmegaConfigLoader(conf_source=conf, env=rb.row_env(row), **CONFIG_LOADER_ARGS)
 
 
 @pytest.mark.parametrize("row", list(rb.ROWS))
 def test_every_row_is_a_valid_configuration_of_the_teacher_it_names(row):
-    params, label = _parameters(row), rb.ROWS[row]
+    params, label = _loader(row)["parameters"], rb.ROWS[row]
+    # as `kedro run --env bench_<row>` checks it: every section but the import of a published
+    # teacher, which a row's pipelines never run
+    validate_parameters(params, set(SECTION_PARSERS) - {"teacher_import"})
     task = parse_config(TaskConfig, params["task"], "task")
     plan = plan_teacher(parse_teacher_config(params["teacher"], seed=0), task, image_size=32, channels=1)
     bridge = plan.resolved.bridge
@@ -243,24 +246,52 @@ def test_quick_settings_and_overrides_layer_in_order():
     assert full["evaluate"]["teacher_nfe"] == [1, 10, 100, 999] and "train" not in full["teacher"]
     longer = {"distill": {"train": {"steps": 7}}}
     extra = rb.row_params("sketch-n2", quick=True, device="cpu", threads=1, extra=longer)
-    assert extra["distill"] == {"student_nfe": 2, **rb.DDBM_MULTISTEP_SCHEDULE, "train": {"steps": 7}}
-    assert rb.ROWS["sr4x_bicubic"].params["evaluate"]["teacher_nfe"] == [1, 10, 100, 999]  # not mutated
+    assert extra["distill"] == {"student_nfe": 2, "aux_steps": 5, "lr_generator": 3e-5, "train": {"steps": 7}}
+    assert rb.row_settings("sr4x_bicubic")["evaluate"]["teacher_nfe"] == [1, 10, 100, 999]  # not mutated
+    beneath = rb.row_params("sketch-n1", quick=False, device="cpu", threads=1, env="test")
+    assert beneath["teacher"]["model"] == {  # conf/test's tiny network, the row's bridge over it
+        "network": {"preset": "tiny"}, "schedule": "ddbm_vp", "conditional": True, "ot_ode": False
+    }
+    assert beneath["task"] == {"kind": "sketch"} and beneath["distill"]["train"]["steps"] == 4
     assert rb.results_path(Path("r"), "jpeg5", True) == Path("r/jpeg5.quick.json")
     assert rb.results_path(Path("r"), "jpeg5", False) == Path("r/jpeg5.json")
 
 
-def test_the_rows_configuration_copy_points_at_its_data_root(tmp_path):
-    data_root = tmp_path / "data"
-    conf = rb.prepare_conf(tmp_path / "work", data_root, env="test")
-    loader = OmegaConfigLoader(conf_source=str(conf), env=rb.BENCHMARK_ENV, **CONFIG_LOADER_ARGS)
-    assert loader["globals"]["data_root"] == str(data_root)
-    assert loader["catalog"]["teacher_model"]["filepath"] == f"{data_root}/06_models/teacher.pt"
-    assert loader["parameters"]["teacher"]["model"]["network"]["preset"] == "tiny"  # conf/test layered
-    plain = rb.prepare_conf(tmp_path / "plain", data_root)
-    loader = OmegaConfigLoader(conf_source=str(plain), env=rb.BENCHMARK_ENV, **CONFIG_LOADER_ARGS)
-    assert loader["parameters"]["teacher"]["model"]["network"]["preset"] == "cpu"  # conf/base only
+def test_each_row_is_an_environment_with_its_own_data_root():
+    envs = {p.name for p in (PROJECT_ROOT / "conf").iterdir() if p.name.startswith(rb.ROW_ENV_PREFIX)}
+    assert envs == {rb.row_env(row) for row in rb.ROWS}
+    for row in rb.ROWS:
+        loader = _loader(row)
+        assert loader["globals"]["data_root"] == f"benchmarks/work/{row}/data"
+        teacher_file = loader["catalog"]["teacher_model"]["filepath"]
+        assert teacher_file == f"benchmarks/work/{row}/data/06_models/teacher.pt"
+        assert rb.row_data_root(row) == PROJECT_ROOT / "benchmarks" / "work" / row / "data"
+    # the row's settings are what its environment changes over conf/base, nothing else
+    assert rb.row_settings("jpeg5")["task"] == {"kind": "jpeg", "jpeg_quality": 5}
+    assert set(rb.row_settings("jpeg5")) == {"task", "teacher", "distill", "evaluate"}
+
+
+def test_a_data_root_that_is_not_a_rows_own_is_never_wiped(tmp_path):
+    conf = isolated_conf(tmp_path)
+    data_root = rb.row_data_root("sr4x_bicubic", conf)
+    assert data_root == tmp_path / "work" / "sr4x_bicubic" / "data"
+    (data_root / "06_models").mkdir(parents=True)
+    rb.wipe_data_root("sr4x_bicubic", data_root)
+    assert not data_root.exists()
+    project_data = tmp_path / "data"
+    project_data.mkdir()
+    with pytest.raises(ValueError, match="refusing to wipe"):
+        rb.wipe_data_root("sr4x_bicubic", project_data)
+    with pytest.raises(ValueError, match="refusing to wipe"):
+        rb.wipe_data_root("jpeg5", data_root)  # another row's
+    assert project_data.exists()
+
+
+def test_unknown_environments_are_refused_by_name():
     with pytest.raises(ValueError, match=r"unknown configuration environment 'nope'; allowed: .*test"):
-        rb.prepare_conf(tmp_path / "bad", data_root, env="nope")
+        rb.check_env("nope")
+    with pytest.raises(ValueError, match="unknown configuration environment"):
+        rb.row_params("jpeg5", quick=False, device="cpu", threads=1, env="nope")
 
 
 # ---------------------------------------------------------------- the command line

@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipelines.conftest import KedroRun, project_root, run_kedro  # noqa: E402, F401
+from pipelines.conftest import KedroRun, degrade_run, project_root, run_kedro  # noqa: E402, F401
 
 
 @pytest.fixture

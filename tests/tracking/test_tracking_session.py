@@ -1,58 +1,83 @@
-"""Tracking through real ``kedro run --env test`` sessions: on with one parameter, off by default."""
+"""Tracking through real ``kedro run --env test`` sessions: kedro-mlflow records a run when one
+parameter says so, with everything the project adds; off by default, it records nothing.
+
+The ``test`` env's runs go to kedro-mlflow's store under the test data root
+(``data/test/09_tracking/mlruns``, conf/base/mlflow.yml); each test looks at the runs it added.
+(The store is not wiped between tests: MLflow keeps one store object per URI in the process,
+and it fails once its folder is gone.)
+"""
 
 from __future__ import annotations
 
-import json
-import subprocess
+import contextlib
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 from PIL import Image
 
 from ibmd_pipeline.engine.config import ConfigError
-from ibmd_pipeline.tracking import MlflowMissingError
+from ibmd_pipeline.tracking import TrackingMissingError
 
-TEST_DATA = Path(__file__).resolve().parents[2] / "data" / "test"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+TEST_DATA = PROJECT_ROOT / "data" / "test"
+STORE = TEST_DATA / "09_tracking" / "mlruns"
+TRACKING_ON = {"tracking": {"enabled": True}}
+AIRFLOW_TASK = {
+    "AIRFLOW_CTX_DAG_ID": "ibmd-pipeline-test",
+    "AIRFLOW_CTX_DAG_RUN_ID": "manual__2026-01-02",
+    "AIRFLOW_CTX_TASK_ID": "make-pairs",
+    "AIRFLOW_CTX_TRY_NUMBER": "1",
+}
 
 
-def _tracking_on(store: Path) -> dict:
-    return {"tracking": {"enabled": True, "uri": str(store)}}
+@pytest.fixture
+def new_runs(mlflow_client):
+    """A function listing the runs this test added to the test env's store. Afterwards no
+    MLflow run may be left active in this process (the next session would log into it)."""
+
+    def runs() -> list:
+        if not STORE.exists():
+            return []
+        client = mlflow_client(STORE)
+        experiment = client.get_experiment_by_name("ibmd")
+        return [] if experiment is None else client.search_runs([experiment.experiment_id])
+
+    before = {run.info.run_id for run in runs()}
+    yield lambda: [run for run in runs() if run.info.run_id not in before]
+    if "mlflow" in sys.modules:
+        assert sys.modules["mlflow"].active_run() is None
 
 
-def _only_run(client):
-    (run,) = client.search_runs([client.get_experiment_by_name("ibmd").experiment_id])
-    return run
-
-
-@pytest.fixture(scope="module")
-def tracked(run_kedro, tmp_path_factory):
-    """``kedro run --env test --pipelines degrade,teacher --params tracking.enabled=true,...``."""
-    tmp = tmp_path_factory.mktemp("tracked")
-    params = {**_tracking_on(tmp / "mlruns"), "teacher": {"workdir": str(tmp / "work")}}
-    return run_kedro(["degrade", "teacher"], params=params), tmp / "mlruns"
+def _data_files() -> set[Path]:
+    """The files under the test data root, the MLflow store's aside."""
+    found = {path for path in TEST_DATA.rglob("*") if path.is_file()} if TEST_DATA.exists() else set()
+    return {path for path in found if STORE not in path.parents}
 
 
 @pytest.mark.slow
-def test_a_tracked_run_holds_params_tags_curves_and_artifacts(tracked, mlflow_client, tmp_path):
-    kedro_run, store = tracked
-    client = mlflow_client(store)
-    run = _only_run(client)
+def test_a_tracked_run_holds_params_tags_curves_and_artifacts(new_runs, run_kedro, mlflow_client, tmp_path):
+    params = {**TRACKING_ON, "teacher": {"workdir": str(tmp_path / "work")}}
+    kedro_run = run_kedro(["degrade", "teacher"], params=params)
+    client = mlflow_client(STORE)
+    (run,) = new_runs()
     run_id = run.info.run_id
     assert run.info.status == "FINISHED" and run.info.run_name == "degrade+teacher"
 
     grid_file = kedro_run.versioned_file("08_reporting/degrade_grid.png")
     tags = run.data.tags
-    assert tags["kedro.session_id"] == grid_file.parent.name  # the session id is the catalog version
-    assert tags["kedro.pipelines"] == "degrade,teacher"
-    assert (tags["kedro.env"], tags["task"]) == ("test", "sr4x_bicubic")
+    assert tags["run_id"] == grid_file.parent.name  # the Kedro session id is the catalog version
+    assert (tags["env"], tags["task"]) == ("test", "sr4x_bicubic")
+    assert tags["kedro_command"] == "kedro run --pipeline=degrade,teacher"  # kedro-mlflow's wording
 
     params = run.data.params
     assert params["data.max_images"] == "300" and params["teacher.train.steps"] == "24"  # conf/test
     assert params["teacher.sampler.grid_nfe"] == "[1, 4, 16]" and params["seed"] == "0"
+    assert params["evaluate.num_images"] == "16"  # every section, not only those of the nodes that ran
     assert not any(key.startswith("tracking.") for key in params)
 
     checkpoint = torch.load(kedro_run.versioned_file("06_models/teacher.pt"), weights_only=True)
@@ -72,55 +97,76 @@ def test_a_tracked_run_holds_params_tags_curves_and_artifacts(tracked, mlflow_cl
             np.testing.assert_array_equal(np.asarray(ours), np.asarray(catalogued))
 
 
-@pytest.mark.slow
-def test_a_failing_run_is_recorded_as_failed(run_kedro, mlflow_client, tmp_path):
-    params = {**_tracking_on(tmp_path / "mlruns"), "data": {"image_size": 30}}
-    with pytest.raises(ConfigError, match=r"data\.image_size"):
-        run_kedro(["degrade"], params=params)
-    run = _only_run(mlflow_client(tmp_path / "mlruns"))
-    assert run.info.status == "FAILED" and "data.image_size" in run.data.tags["error"]
-
-
-def _data_files() -> set[Path]:
-    return {path for path in TEST_DATA.rglob("*") if path.is_file()} if TEST_DATA.exists() else set()
+def run_nodes(params: dict, pipeline: str, nodes: list[str]) -> None:
+    """One Airflow task: some nodes of a registered pipeline in a session of their own."""
+    with contextlib.chdir(PROJECT_ROOT):
+        bootstrap_project(PROJECT_ROOT)
+        with KedroSession.create(project_path=PROJECT_ROOT, env="test", runtime_params=params) as session:
+            session.run(pipeline_names=[pipeline], node_names=nodes)
 
 
 @pytest.mark.slow
-def test_tracking_without_mlflow_stops_before_any_node(run_kedro, monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if MLflow were not installed
+def test_an_airflow_task_is_a_run_tagged_with_its_dag_run(new_runs, monkeypatch):
+    for variable, value in AIRFLOW_TASK.items():
+        monkeypatch.setenv(variable, value)
+    run_nodes(TRACKING_ON, "__default__", ["make_pairs"])
+    (run,) = new_runs()
+    assert run.info.status == "FINISHED" and run.info.run_name == "__default__:make_pairs"
+    tags = run.data.tags
+    airflow = {key: tags[key] for key in tags if key.startswith("airflow.")}
+    assert airflow == {"airflow.dag_id": "ibmd-pipeline-test", "airflow.dag_run_id": "manual__2026-01-02",
+                       "airflow.task_id": "make-pairs", "airflow.try_number": "1"}
+    assert run.data.params["distill.train.steps"] == "4"  # the whole run's parameters, in one task's run
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_recorded_as_failed(new_runs, degrade_run, run_kedro):
+    # A valid value that the data contradict: the teacher node refuses it once it sees the pairs.
+    params = {**TRACKING_ON, "task": {"kind": "jpeg"}}
+    with pytest.raises(ConfigError, match=r"re-run the degrade pipeline"):
+        run_kedro(["teacher"], params=params)
+    (run,) = new_runs()
+    assert run.info.status == "FAILED" and "re-run the degrade pipeline" in run.data.tags["error"]
+
+
+@pytest.mark.slow
+def test_a_bad_parameter_stops_before_the_run_is_opened(new_runs, run_kedro):
     before = _data_files()
-    with pytest.raises(MlflowMissingError, match="pip install mlflow-skinny"):
-        run_kedro(["degrade"], params=_tracking_on(tmp_path / "mlruns"))
-    assert _data_files() == before  # no node ran: nothing was saved
-    assert not (tmp_path / "mlruns").exists()
+    with pytest.raises(ConfigError, match=r"data\.image_size"):
+        run_kedro(["degrade"], params={**TRACKING_ON, "data": {"image_size": 4}})
+    assert new_runs() == []
+    assert _data_files() == before  # no node saved anything
 
 
 @pytest.mark.slow
-def test_tracking_off_imports_nothing_and_writes_nothing(project_root, tmp_path):
-    store = tmp_path / "mlruns"
-    script = textwrap.dedent(
-        """
-        import contextlib, json, sys
-        from pathlib import Path
-        from kedro.framework.session import KedroSession
-        from kedro.framework.startup import bootstrap_project
+def test_tracking_without_kedro_mlflow_stops_before_any_node(new_runs, run_kedro, monkeypatch):
+    import ibmd_pipeline.hooks
 
-        root, store = Path(sys.argv[1]), sys.argv[2]
-        with contextlib.chdir(root):
-            bootstrap_project(root)
-            params = {"tracking": {"uri": store}}  # enabled stays false (conf/base)
-            with KedroSession.create(project_path=root, env="test", runtime_params=params) as session:
-                outputs = session.run(pipeline_names=["degrade"])
-        mlflow = sorted(name for name in sys.modules if name.split(".")[0] == "mlflow")
-        print(json.dumps({"outputs": sorted(outputs), "mlflow": mlflow}))
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(project_root), str(store)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["outputs"] == ["corrupted_train", "degrade_grid", "pairs_test"]  # the run did run
-    assert result["mlflow"] == []
-    assert not store.exists()
+    def not_installed():  # what start_kedro_mlflow raises then (test_tracking_mlflow.py)
+        raise TrackingMissingError("parameter 'tracking.enabled' is true but kedro-mlflow cannot be imported")
+
+    # (Removing the module itself would also break Kedro's loading of the plugin's entry points.)
+    monkeypatch.setattr(ibmd_pipeline.hooks, "start_kedro_mlflow", not_installed)
+    before = _data_files()
+    with pytest.raises(TrackingMissingError, match="kedro-mlflow cannot be imported"):
+        run_kedro(["degrade"], params=TRACKING_ON)
+    assert _data_files() == before  # no node ran: nothing was saved
+    assert new_runs() == []
+
+
+@pytest.mark.slow
+def test_tracking_off_starts_no_kedro_mlflow_hook_and_records_nothing(new_runs):
+    outputs, hooks = None, []
+    with contextlib.chdir(PROJECT_ROOT):
+        bootstrap_project(PROJECT_ROOT)
+        with KedroSession.create(project_path=PROJECT_ROOT, env="test") as session:
+            hooks = session._hook_manager.get_plugins()
+            # kedro-mlflow's settings are on the context for its commands (`kedro mlflow ui`)
+            settings = session.load_context().mlflow
+            outputs = session.run(pipeline_names=["degrade"])
+    assert settings.server.mlflow_tracking_uri == STORE.as_uri()
+    assert settings.tracking.experiment.name == "ibmd"
+    assert sorted(outputs) == ["corrupted_train", "degrade_grid", "pairs_test"]  # the run did run
+    # kedro-mlflow's own hook, which would record every run, is not registered (settings.py)
+    assert not any(type(hook).__module__.startswith("kedro_mlflow") for hook in hooks)
+    assert new_runs() == [] and not (PROJECT_ROOT / "mlruns").exists()

@@ -1,8 +1,7 @@
-"""The pure half of tracking: the ``tracking`` block, parameter flattening, metric names."""
+"""The pure half of tracking: the ``tracking`` block, kedro-mlflow's ``mlflow.yml``, metric names."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,13 @@ import pytest
 from ibmd_pipeline.engine.config import ConfigError
 from ibmd_pipeline.hooks import ARTIFACT_FILES, default_run_name
 from ibmd_pipeline.tracking import (
-    PARAM_VALUE_LIMIT,
     SteppedMetric,
     TrackingConfig,
     airflow_tags,
     evaluation_metrics,
-    flatten_params,
     history_metrics,
+    offline_mlflow_environment,
     parse_tracking_config,
-    resolve_tracking_uri,
 )
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -43,17 +40,36 @@ REPORT = {
 # ---------------------------------------------------------------- the tracking block
 
 
-def test_shipped_block_is_off_and_points_at_the_data_root():
+def _loader(env: str):
     from kedro.config import OmegaConfigLoader
 
     from ibmd_pipeline.settings import CONFIG_LOADER_ARGS
 
-    for env, root in (("base", "data"), ("test", "data/test"), ("imagenet256", "data/imagenet256")):
-        # env "base" is base alone (conf/local is machine-local and may enable tracking)
-        loader = OmegaConfigLoader(conf_source=str(CONF), env=env, **CONFIG_LOADER_ARGS)
-        config = parse_tracking_config(loader["parameters"]["tracking"])
-        assert config == TrackingConfig(uri=f"{root}/09_tracking/mlruns")
-        assert config.enabled is False
+    # env "base" is base alone (conf/local is machine-local and may enable tracking)
+    loader = OmegaConfigLoader(conf_source=str(CONF), env=env, **CONFIG_LOADER_ARGS)
+    loader.config_patterns["mlflow"] = ["mlflow*", "mlflow*/**", "**/mlflow*"]  # as kedro-mlflow adds it
+    return loader
+
+
+@pytest.mark.parametrize(
+    ("env", "root"), [("base", "data"), ("test", "data/test"), ("imagenet256", "data/imagenet256")]
+)
+def test_shipped_block_is_off_and_the_store_is_under_the_data_root(env, root):
+    loader = _loader(env)
+    config = parse_tracking_config(loader["parameters"]["tracking"])
+    assert config == TrackingConfig() and config.enabled is False
+    mlflow_yml = loader["mlflow"]
+    assert mlflow_yml["server"]["mlflow_tracking_uri"] == f"{root}/09_tracking/mlruns"
+    assert mlflow_yml["tracking"]["experiment"]["name"] == "ibmd"
+    params = mlflow_yml["tracking"]["params"]
+    assert params["dict_params"]["flatten"] is True and params["long_params_strategy"] == "truncate"
+
+
+def test_shipped_mlflow_yml_is_a_valid_kedro_mlflow_configuration():
+    from kedro_mlflow.config.kedro_mlflow_config import KedroMlflowConfig
+
+    config = KedroMlflowConfig.model_validate(_loader("test")["mlflow"])  # extra keys are refused
+    assert config.tracking.run.name is None and config.tracking.disable_tracking.pipelines == []
 
 
 def test_missing_block_means_tracking_off():
@@ -65,9 +81,7 @@ def test_missing_block_means_tracking_off():
     ("block", "key"),
     [
         ({"enabled": "yes"}, "tracking.enabled"),
-        ({"uri": "  "}, "tracking.uri"),
-        ({"experiment": ""}, "tracking.experiment"),
-        ({"run_name": 3}, "tracking.run_name"),
+        ({"uri": "data/mlruns"}, "tracking.uri"),  # moved to mlflow.yml: refused, not ignored
         ({"log_artifact": False}, "tracking.log_artifact"),
     ],
 )
@@ -77,49 +91,13 @@ def test_bad_settings_name_their_key(block, key):
     assert err.value.key == key
 
 
-def test_folders_become_file_uris_from_the_project_root(tmp_path):
-    assert resolve_tracking_uri("data/mlruns", tmp_path) == (tmp_path / "data" / "mlruns").as_uri()
-    assert resolve_tracking_uri(str(tmp_path / "abs"), Path("/elsewhere")) == (tmp_path / "abs").as_uri()
-    for uri in ("file:///srv/mlruns", "sqlite:///mlflow.db", "http://tracker:5000", "databricks"):
-        expected = uri if ":" in uri else (tmp_path / uri).as_uri()  # a bare word is a folder name
-        assert resolve_tracking_uri(uri, tmp_path) == expected
-    assert not (tmp_path / "data").exists()  # resolving creates nothing
-
-
-# ---------------------------------------------------------------- parameters
-
-
-def test_flatten_params_gives_dotted_keys_and_json_values():
-    params = {
-        "seed": 0,
-        "teacher": {
-            "train": {"lr": 1e-3, "bf16": False},
-            "sampler": {"grid_nfe": [1, 4, 16]},
-            "workdir": None,
-        },
-        "task": {"kind": "sr4x_pool"},
-        "distill": {"validation": {}},
-        "tracking": {"enabled": True},
-    }
-    assert flatten_params(params, exclude=("tracking",)) == {
-        "seed": "0",
-        "teacher.train.lr": "0.001",
-        "teacher.train.bf16": "false",
-        "teacher.sampler.grid_nfe": "[1, 4, 16]",
-        "teacher.workdir": "null",
-        "task.kind": "sr4x_pool",
-        "distill.validation": "{}",
-    }
-
-
-def test_flatten_params_cuts_values_mlflow_would_refuse_and_says_so():
-    long_list = list(range(3000))
-    flat = flatten_params({"data": {"ids": long_list, "name": "x" * PARAM_VALUE_LIMIT}})
-    assert len(flat["data.ids"]) == PARAM_VALUE_LIMIT
-    assert flat["data.ids"].startswith("[0, 1, 2") and flat["data.ids"].endswith(
-        f"[{len(json.dumps(long_list))} characters, cut]"
-    )
-    assert flat["data.name"] == "x" * PARAM_VALUE_LIMIT  # exactly at the limit: kept whole
+def test_a_tracked_run_stays_offline_unless_told_otherwise():
+    environ = {"MLFLOW_DISABLE_TELEMETRY": "false"}
+    offline_mlflow_environment(environ)
+    assert environ == {"MLFLOW_DISABLE_TELEMETRY": "false", "MLFLOW_ALLOW_FILE_STORE": "true"}
+    environ = {}
+    offline_mlflow_environment(environ)
+    assert environ == {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ALLOW_FILE_STORE": "true"}
 
 
 # ---------------------------------------------------------------- metrics

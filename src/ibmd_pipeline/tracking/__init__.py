@@ -1,42 +1,32 @@
-"""Optional experiment tracking in MLflow: parameters, evaluation metrics, training curves and
-report artefacts of each run. Off by default (``tracking.enabled``).
+"""Optional experiment tracking in MLflow through kedro-mlflow: what the project adds to the
+plugin's runs (evaluation metrics, training curves, report artefacts, Airflow tags) and the
+``tracking`` parameter block that switches it on. Off by default (``tracking.enabled``).
 
 No Kedro here (the hook in :mod:`ibmd_pipeline.hooks` is a thin wrapper), and no MLflow import
-until a run is started.
+until something is logged.
 """
 
-from ibmd_pipeline.tracking.config import (
-    TrackingConfig,
-    is_local_file_store,
-    parse_tracking_config,
-    resolve_tracking_uri,
-)
+from ibmd_pipeline.tracking.config import TrackingConfig, parse_tracking_config
 from ibmd_pipeline.tracking.mlflow_tracking import (
-    MLFLOW_REQUIREMENT,
-    PARAM_VALUE_LIMIT,
-    MlflowMissingError,
+    TRACKING_REQUIREMENTS,
     MlflowRun,
     SteppedMetric,
+    TrackingMissingError,
     airflow_tags,
     evaluation_metrics,
-    flatten_params,
     history_metrics,
-    require_mlflow,
+    offline_mlflow_environment,
 )
 
 __all__ = [
-    "MLFLOW_REQUIREMENT",
-    "PARAM_VALUE_LIMIT",
-    "MlflowMissingError",
+    "TRACKING_REQUIREMENTS",
     "MlflowRun",
     "SteppedMetric",
     "TrackingConfig",
+    "TrackingMissingError",
     "airflow_tags",
     "evaluation_metrics",
-    "flatten_params",
     "history_metrics",
-    "is_local_file_store",
+    "offline_mlflow_environment",
     "parse_tracking_config",
-    "require_mlflow",
-    "resolve_tracking_uri",
 ]

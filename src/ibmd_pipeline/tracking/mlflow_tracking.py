@@ -1,56 +1,49 @@
-"""Recording a run's parameters, metrics, training curves and reports in MLflow.
+"""What the project adds to a kedro-mlflow run: training curves, evaluation metrics, report
+artefacts and Airflow tags.
 
-Two halves:
+kedro-mlflow opens and closes the MLflow run of each Kedro run and logs its parameters; the
+project's outputs need more than its catalog datasets offer (the curves live inside the
+checkpoints, the metrics inside ``metrics.json``). Two halves:
 
-* pure functions that turn the project's objects into what MLflow stores: nested parameters
-  into dotted keys (:func:`flatten_params`), the evaluation report into metric names such as
-  ``student_nfe1/fid`` (:func:`evaluation_metrics`), a trainer's ``history`` into stepped
-  metrics (:func:`history_metrics`);
-* :class:`MlflowRun`, one MLflow run written through ``MlflowClient`` with an explicit run id
-  (no process-wide "active run"), so that several Kedro sessions in one process (tests,
-  notebooks) never log into each other's runs.
+* pure functions that turn the project's objects into what MLflow stores: the evaluation report
+  into metric names such as ``student_nfe1/fid`` (:func:`evaluation_metrics`), a trainer's
+  ``history`` into stepped metrics (:func:`history_metrics`), Airflow's task context into tags
+  (:func:`airflow_tags`);
+* :class:`MlflowRun`, which writes them into one run through ``MlflowClient`` with the run's id
+  (not the process-wide "active run"), so that a run opened by kedro-mlflow receives them from
+  any thread.
 
-MLflow is imported only when a run is started: with tracking off, importing this module costs
+MLflow is imported only when something is logged: with tracking off, importing this module costs
 nothing and needs no MLflow installed.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
-from ibmd_pipeline.tracking.config import is_local_file_store
-
 __all__ = [
-    "MLFLOW_REQUIREMENT",
-    "PARAM_VALUE_LIMIT",
-    "MlflowMissingError",
+    "TRACKING_REQUIREMENTS",
     "MlflowRun",
     "SteppedMetric",
+    "TrackingMissingError",
     "airflow_tags",
     "evaluation_metrics",
-    "flatten_params",
     "history_metrics",
-    "require_mlflow",
+    "offline_mlflow_environment",
 ]
 
-#: What ``tracking.enabled`` needs installed (the client only; ``mlflow`` itself adds the UI).
-MLFLOW_REQUIREMENT = "mlflow-skinny==3.17.2"
+#: What ``tracking.enabled`` needs installed: the MLflow client and the Kedro plugin, which is
+#: installed without its declared dependencies (they would replace the client by the full
+#: ``mlflow`` and its server; ``pip install -e ".[tracking]"`` brings those for ``kedro mlflow ui``).
+TRACKING_REQUIREMENTS = "pip install mlflow-skinny==3.17.2 && pip install --no-deps kedro-mlflow==2.0.3"
 
-#: MLflow refuses parameter values longer than this (``mlflow.utils.validation``); longer
-#: values are cut and say how much was cut, instead of failing the run.
-PARAM_VALUE_LIMIT = 6000
-
-# MLflow's batch limits per request: at most 1000 metrics and 100 parameters.
+# MLflow's batch limit per request: at most 1000 metrics.
 _METRICS_PER_BATCH = 1000
-_PARAMS_PER_BATCH = 100
 
 # Characters MLflow accepts in parameter, metric and tag names.
 _BAD_NAME_CHARS = re.compile(r"[^\w\-./ :]")
@@ -59,21 +52,19 @@ _BAD_NAME_CHARS = re.compile(r"[^\w\-./ :]")
 _RECORD_IDENTITY = ("model", "nfe", "seed")
 
 
-class MlflowMissingError(ImportError):
-    """``tracking.enabled`` is true but MLflow cannot be imported."""
+class TrackingMissingError(ImportError):
+    """``tracking.enabled`` is true but kedro-mlflow or MLflow cannot be imported."""
 
 
-def require_mlflow() -> ModuleType:
-    """Import MLflow, or fail with the command that installs it."""
-    try:
-        import mlflow
-    except ImportError as err:
-        raise MlflowMissingError(
-            "parameter 'tracking.enabled' is true but MLflow is not installed: "
-            f"pip install {MLFLOW_REQUIREMENT}  (or pip install -e '.[tracking]' for the UI too), "
-            "or run without tracking"
-        ) from err
-    return mlflow
+def offline_mlflow_environment(environ: MutableMapping[str, str]) -> None:
+    """Defaults that keep a tracked run off the network and on a local folder store.
+
+    MLflow 3 reports usage over the network unless ``MLFLOW_DISABLE_TELEMETRY`` is set, and
+    since 3.13 it refuses a file store (what ``conf/base/mlflow.yml`` names) unless
+    ``MLFLOW_ALLOW_FILE_STORE`` is set. Values the user set are kept.
+    """
+    environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
 # ------------------------------------------------------------------------------------ pure
@@ -81,38 +72,6 @@ def require_mlflow() -> ModuleType:
 
 def _clean_name(name: str) -> str:
     return _BAD_NAME_CHARS.sub("_", name)
-
-
-def _param_value(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    if len(text) <= PARAM_VALUE_LIMIT:
-        return text
-    suffix = f"... [{len(text)} characters, cut]"
-    return text[: PARAM_VALUE_LIMIT - len(suffix)] + suffix
-
-
-def flatten_params(params: Mapping[str, Any], exclude: Iterable[str] = ()) -> dict[str, str]:
-    """Nested parameters as ``{"teacher.train.lr": "0.001", ...}``, ready for MLflow.
-
-    Mappings are walked into dotted keys; every other value (numbers, booleans, ``None``,
-    lists) is written as JSON, strings as they are. Values longer than
-    :data:`PARAM_VALUE_LIMIT` are cut. Top-level keys in ``exclude`` are left out; an empty
-    mapping is kept as ``"{}"`` so that its key still shows.
-    """
-    skipped = set(exclude)
-    flat: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping) and value:
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        else:
-            flat[_clean_name(prefix)] = _param_value(dict(value) if isinstance(value, Mapping) else value)
-
-    for key, value in params.items():
-        if key not in skipped:
-            walk(str(key), value)
-    return flat
 
 
 def _number(value: Any) -> float | None:
@@ -203,69 +162,17 @@ def airflow_tags(environ: Mapping[str, str]) -> dict[str, str]:
 # ------------------------------------------------------------------------------------ MLflow
 
 
-def _allow_file_store(uri: str) -> None:
-    """Let MLflow 3 use a local file store (it refuses one unless opted in).
-
-    MLflow 3.13+ keeps its file store in maintenance mode and raises unless
-    ``MLFLOW_ALLOW_FILE_STORE`` is true. A folder of files is what ``tracking.uri`` asks for
-    here, so the opt-in is given, unless the user set the variable themselves.
-    """
-    if is_local_file_store(uri):
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-
-
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
 class MlflowRun:
-    """One MLflow run, written through ``MlflowClient`` with its run id.
-
-    Start it with :meth:`start`, log into it, close it with :meth:`finish`.
-    """
+    """Writes into one existing MLflow run (kedro-mlflow's) through ``client`` and its run id."""
 
     def __init__(self, client: Any, run_id: str):
         self.client = client
         self.run_id = run_id
-
-    @classmethod
-    def start(
-        cls, uri: str, experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None
-    ) -> MlflowRun:
-        """Open a new run in ``experiment`` (created when missing) at tracking ``uri``."""
-        require_mlflow()
-        _allow_file_store(uri)
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
-        found = client.get_experiment_by_name(experiment)
-        if found is not None:
-            experiment_id = found.experiment_id
-        else:
-            try:
-                experiment_id = client.create_experiment(experiment)
-            except MlflowException:
-                # Another process (a parallel Airflow task) created it first.
-                found = client.get_experiment_by_name(experiment)
-                if found is None:
-                    raise
-                experiment_id = found.experiment_id
-        run = client.create_run(
-            experiment_id,
-            run_name=run_name,
-            tags={_clean_name(k): str(v) for k, v in (tags or {}).items()},
-        )
-        return cls(client, run.info.run_id)
-
-    def log_params(self, params: Mapping[str, str]) -> None:
-        """Log parameters (already flat strings, see :func:`flatten_params`)."""
-        from mlflow.entities import Param
-
-        entries = [Param(key, value) for key, value in params.items()]
-        for batch in _chunks(entries, _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=list(batch), synchronous=True)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log metrics at one step (the evaluation report: step 0)."""
@@ -307,7 +214,3 @@ class MlflowRun:
             self.client.log_text(self.run_id, obj, artifact_file)
         else:
             raise TypeError(f"cannot store a {type(obj).__name__} as the artifact '{artifact_file}'")
-
-    def finish(self, failed: bool = False) -> None:
-        """Close the run as ``FINISHED`` (or ``FAILED``)."""
-        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
