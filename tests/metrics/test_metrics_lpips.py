@@ -9,8 +9,8 @@ from ibmd_pipeline.metrics.lpips import LPIPSScorer
 
 
 @pytest.fixture(scope="module")
-def scorer(lpips_offline_source):
-    return LPIPSScorer(batch_size=3, weights=lpips_offline_source)
+def scorer():
+    return LPIPSScorer(batch_size=3)
 
 
 def test_lpips_orders_identical_slightly_noisy_and_different_images(scorer, make_shapes):

@@ -31,7 +31,7 @@ from torch.nn.functional import adaptive_avg_pool2d
 from tqdm.auto import tqdm
 
 from ibmd_pipeline.metrics.image_quality import to_rgb, to_unit_range
-from ibmd_pipeline.metrics.weights import WeightsSource, build_fid_inception
+from ibmd_pipeline.metrics.weights import build_fid_inception
 
 FeatureStatistics = dict[str, Any]
 """``{"mu": float64 (d,), "sigma": float64 (d, d), "n": int}``: a catalog-savable bundle."""
@@ -164,7 +164,6 @@ class FIDScorer:
         progress: bool = False,
         dims: int = 2048,
         reference: Mapping[str, Any] | None = None,
-        weights: WeightsSource | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -172,7 +171,7 @@ class FIDScorer:
         self.batch_size = batch_size
         self.progress = progress
         self.dims = dims
-        model, self.weights_source = build_fid_inception(dims, weights)
+        model, self.weights_source = build_fid_inception(dims)
         self.model = model.to(self.device)
         self.reference: FeatureStatistics | None = None
         if reference is not None:

@@ -2,8 +2,8 @@
 
 lpips expects ``[-1, 1]`` RGB images, which is our image convention; gray images are
 replicated to three channels and samples are clamped to the valid range. The AlexNet trunk
-comes from :func:`ibmd_pipeline.metrics.weights.build_lpips_alexnet` (official file or verified
-offline copy, never a random trunk).
+comes from :func:`ibmd_pipeline.metrics.weights.build_lpips_alexnet` (the verified official file
+or its converted copy, never a random trunk).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ibmd_pipeline.metrics.image_quality import to_rgb
-from ibmd_pipeline.metrics.weights import WeightsSource, build_lpips_alexnet
+from ibmd_pipeline.metrics.weights import build_lpips_alexnet
 
 
 class LPIPSScorer:
@@ -23,14 +23,13 @@ class LPIPSScorer:
         device: str | torch.device = "cpu",
         batch_size: int = 64,
         progress: bool = False,
-        weights: WeightsSource | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.progress = progress
-        model, self.weights_source = build_lpips_alexnet(weights)
+        model, self.weights_source = build_lpips_alexnet()
         self.model = model.to(self.device).eval()
 
     @torch.inference_mode()
