@@ -15,6 +15,7 @@ from ibmd_pipeline.evaluation import (
     MetricSuite,
     ModelRun,
     StaleReferenceError,
+    check_report,
     measure_speed,
     restore_images,
     run_evaluation,
@@ -101,6 +102,15 @@ def test_records_have_every_key_with_its_type_and_are_standard_json(result):
     assert report["speed"]["batch_size"] == 2 and report["speed"]["baseline"] == "teacher@3"
     assert report["fid"] == {"dims": 64, "reference": "evaluated", "reference_images": 8}
     assert report["grid_columns"][0] == "corrupted" and report["grid_columns"][-2:] == ["student@1", "clean"]
+
+
+def test_the_report_matches_its_declaration_and_a_drift_is_named(result):
+    check_report(result.report)  # every declared key, nothing undeclared, at every depth
+    drifted = copy.deepcopy(result.report)
+    del drifted["records"][1]["ssim"]
+    drifted["speed"]["median"] = 1.0
+    with pytest.raises(ValueError, match=r"records\[1\]\.ssim: missing; speed\.median: not declared"):
+        check_report(drifted)
 
 
 def test_student_speedup_over_every_teacher_nfe(result):

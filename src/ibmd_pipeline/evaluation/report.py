@@ -1,7 +1,7 @@
 """What an evaluation report shows a reader: the paper-style table, the plots and the sample grid.
 
-All three are pure functions of the report dict (and, for the grid, of the kept samples), so
-they can be redrawn from any saved ``metrics.json``.
+All three are pure functions of the report (:class:`~ibmd_pipeline.evaluation.schema.EvaluationReport`,
+and, for the grid, of the kept samples), so they can be redrawn from any saved ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+from ibmd_pipeline.evaluation.schema import EvaluationReport, MetricRecord  # noqa: E402
 
 __all__ = ["best_teacher_nfe", "grid_columns", "metrics_table", "plot_report"]
 
@@ -37,20 +39,20 @@ def _fmt(value: Any, pattern: str) -> str:
     return _MISSING if value is None else pattern.format(value)
 
 
-def _teacher_records(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def _teacher_records(report: EvaluationReport) -> list[MetricRecord]:
     return sorted((r for r in report["records"] if r["model"] == "teacher"), key=lambda r: r["nfe"])
 
 
-def _student_records(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def _student_records(report: EvaluationReport) -> list[MetricRecord]:
     return sorted((r for r in report["records"] if r["model"] == "student"), key=lambda r: r["nfe"])
 
 
-def _teacher_name(report: Mapping[str, Any]) -> str:
+def _teacher_name(report: EvaluationReport) -> str:
     bridge = (report.get("models") or {}).get("teacher", {}).get("bridge")
     return f"Teacher ({_BRIDGE_NAMES.get(bridge, bridge)})" if bridge else "Teacher"
 
 
-def best_teacher_nfe(report: Mapping[str, Any]) -> int:
+def best_teacher_nfe(report: EvaluationReport) -> int:
     """The teacher NFE with the lowest FID (lowest LPIPS when FID is off; else the largest NFE)."""
     teachers = _teacher_records(report)
     for metric in ("fid", "lpips"):
@@ -60,7 +62,7 @@ def best_teacher_nfe(report: Mapping[str, Any]) -> int:
     return int(teachers[-1]["nfe"])
 
 
-def metrics_table(report: Mapping[str, Any]) -> str:
+def metrics_table(report: EvaluationReport) -> str:
     """The report as a markdown table in the paper's style, with the run's facts under it.
 
     Rows: the corrupted input, the teacher at each NFE, the student at each NFE. Columns: FID,
@@ -127,7 +129,7 @@ def metrics_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines + facts) + "\n"
 
 
-def _mark_students(ax: Axes, students: list[Mapping[str, Any]], x_key: str, y_key: str) -> None:
+def _mark_students(ax: Axes, students: list[MetricRecord], x_key: str, y_key: str) -> None:
     points = [(r[x_key], r[y_key], r["nfe"]) for r in students if r.get(y_key) is not None]
     if points:
         ax.scatter([p[0] for p in points], [p[1] for p in points], marker="*", s=220, color="tab:red",
@@ -136,13 +138,13 @@ def _mark_students(ax: Axes, students: list[Mapping[str, Any]], x_key: str, y_ke
             ax.annotate(f"{nfe}", (x, y), textcoords="offset points", xytext=(6, 6), color="tab:red")
 
 
-def _unavailable(ax: Axes, metric: str, report: Mapping[str, Any]) -> None:
+def _unavailable(ax: Axes, metric: str, report: EvaluationReport) -> None:
     reason = report.get("reasons", {}).get(metric, "not measured")
     ax.text(0.5, 0.5, f"{metric.upper()} not measured:\n{reason}", ha="center", va="center",
             transform=ax.transAxes, wrap=True)
 
 
-def plot_report(report: Mapping[str, Any]) -> Figure:
+def plot_report(report: EvaluationReport) -> Figure:
     """Three panels: FID vs NFE, CA vs NFE (both log x) and FID vs seconds per image (log x).
 
     The teacher is a line over its NFE, student points are red stars; dashed lines mark the
@@ -203,7 +205,7 @@ def plot_report(report: Mapping[str, Any]) -> Figure:
     return figure
 
 
-def grid_columns(report: Mapping[str, Any], samples: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
+def grid_columns(report: EvaluationReport, samples: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
     """The sample grid's columns, left to right: corrupted | teacher at its smallest NFE |
     teacher at its best NFE (lowest FID; dropped when that is the smallest) | student at its
     largest evaluated NFE | clean. Returns ``(title, images)`` pairs."""

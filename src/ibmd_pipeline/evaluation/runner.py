@@ -14,22 +14,10 @@ have an infinite PSNR, which standard JSON cannot hold (and a mean with one ``in
 about the other images). A metric that is disabled or cannot be measured is ``null`` and
 ``reasons`` says why.
 
-The report (``metrics.json``), standard JSON::
-
-    {"records": [{"model": "teacher" | "student", "nfe", "fid", "lpips", "ca", "psnr", "ssim",
-                  "sec_per_image", "images_per_sec", "seed",
-                  "speedup_vs_teacher": {"<teacher nfe>": x}  (students only)}, ...],
-     "task", "task_config", "dataset", "image_size", "channels", "num_images", "seed", "sampler",
-     "device", "weights": {"fid", "lpips"} (source labels),
-     "checkpoints": {"teacher", "student", "classifier", "teacher_of_student"} (catalog versions),
-     "models": {"teacher": {"bridge", "conditional", "use_ema"},
-                "student": {"trained_nfe", "noise", "evaluated_nfe"}},
-     "classifier": {"ceiling", "floor", "reason", "clean_test_accuracy"},
-     "corrupted_input": {"fid", "lpips", "ca", "psnr", "ssim"},
-     "reasons": {metric: why it is null}, "fid": {"dims", "reference", "reference_images"},
-     "speed": {"batch_size", "repeats", "min_seconds", "warmup", "device", "baseline", "seconds_per_batch"},
-     "psnr_cap_db", "notes": [...], "elapsed_seconds": {"restore", "metrics", "speed", "total"},
-     "config": the EvaluateConfig as a dict, "grid_columns": [...]}
+The run has three parts: :func:`prepare_evaluation` loads and checks everything before any
+sampling, :func:`score_runs` is the scoring loop, and :func:`build_report` turns its measurements
+into the report (``metrics.json``), whose keys are declared in
+:mod:`ibmd_pipeline.evaluation.schema`.
 """
 
 from __future__ import annotations
@@ -57,6 +45,21 @@ from ibmd_pipeline.evaluation.references import (
     evaluated_subset,
 )
 from ibmd_pipeline.evaluation.report import grid_columns
+from ibmd_pipeline.evaluation.schema import (
+    Checkpoints,
+    ClassifierFacts,
+    ElapsedSeconds,
+    EvaluationReport,
+    FIDFacts,
+    MetricRecord,
+    ModelFacts,
+    Scores,
+    SpeedFacts,
+    StudentFacts,
+    TeacherFacts,
+    WeightsFacts,
+    check_report,
+)
 from ibmd_pipeline.metrics.classifier import classifier_accuracy, load_classifier
 from ibmd_pipeline.metrics.fid import FIDScorer
 from ibmd_pipeline.metrics.image_quality import psnr_per_image, ssim
@@ -70,12 +73,17 @@ __all__ = [
     "PSNR_CAP_DB",
     "STUDENT_NFE_CHOICES",
     "EvaluationResult",
+    "EvaluationSetup",
     "MetricSuite",
     "ModelRun",
+    "Scoring",
+    "build_report",
     "measure_speed",
+    "prepare_evaluation",
     "restore_images",
     "resolve_student_nfe",
     "run_evaluation",
+    "score_runs",
     "student_runs",
     "teacher_runs",
 ]
@@ -280,16 +288,16 @@ class MetricSuite:
             return None
         return classifier_accuracy(self.classifier, images, labels, self.batch_size, self.device)
 
-    def score(self, images: Tensor, clean: Tensor, labels: Tensor | None) -> dict[str, float | None]:
+    def score(self, images: Tensor, clean: Tensor, labels: Tensor | None) -> Scores:
         """``{"fid", "lpips", "ca", "psnr", "ssim"}`` of restorations ``images`` (CA in percent,
         PSNR in dB capped per image at :data:`PSNR_CAP_DB`)."""
-        return {
-            "fid": self.fid.score(images) if self.fid is not None else None,
-            "lpips": self.lpips.score(images, clean) if self.lpips is not None else None,
-            "ca": self.accuracy(images, labels),
-            "psnr": psnr_per_image(images, clean).clamp(max=PSNR_CAP_DB).mean().item(),
-            "ssim": ssim(images, clean),
-        }
+        return Scores(
+            fid=self.fid.score(images) if self.fid is not None else None,
+            lpips=self.lpips.score(images, clean) if self.lpips is not None else None,
+            ca=self.accuracy(images, labels),
+            psnr=psnr_per_image(images, clean).clamp(max=PSNR_CAP_DB).mean().item(),
+            ssim=ssim(images, clean),
+        )
 
 
 @dataclass
@@ -300,8 +308,139 @@ class EvaluationResult:
     (``"teacher@100"``, ``"student@1"``) to ``(rows, C, H, W)`` CPU tensors.
     """
 
-    report: dict[str, Any]
+    report: EvaluationReport
     samples: dict[str, Tensor]
+
+
+@dataclass
+class EvaluationSetup:
+    """Everything an evaluation needs, loaded and checked before any sampling.
+
+    ``subset``: the evaluated test images (``clean``, ``corrupted``, ``mask``?, ``labels``?);
+    ``runs``: the teacher at each NFE, then the student at each NFE.
+    """
+
+    config: EvaluateConfig
+    teacher: LoadedTeacher
+    student: LoadedStudent
+    student_nfe: tuple[int, ...]
+    runs: list[ModelRun]
+    subset: dict[str, Any]
+    suite: MetricSuite
+    task: dict[str, Any]
+    image_size: int
+    channels: int
+    device: torch.device
+    dataset: str
+    fid_reference: Mapping[str, Any] | None
+    classifier: Mapping[str, Any] | None
+
+    @property
+    def num_images(self) -> int:
+        return int(self.subset["clean"].shape[0])
+
+
+@dataclass
+class Scoring:
+    """What the scoring loop measured: the corrupted input's scores, one record per run (before
+    speed-ups), each run's speed, the kept samples and the time each stage took."""
+
+    corrupted_scores: Scores
+    records: list[MetricRecord]
+    speeds: dict[str, SamplingSpeed]
+    samples: dict[str, Tensor]
+    elapsed: dict[str, dict[str, float]]
+
+
+def prepare_evaluation(
+    pairs_test: Mapping[str, Any],
+    teacher_checkpoint: Mapping[str, Any],
+    student_checkpoint: Mapping[str, Any],
+    config: EvaluateConfig,
+    *,
+    fid_reference: Mapping[str, Any] | None,
+    classifier: Mapping[str, Any] | None,
+    device: torch.device | str = "cpu",
+    dataset: str = "",
+    progress: bool = True,
+    suite: MetricSuite | None = None,
+) -> EvaluationSetup:
+    """Load and check everything before any sampling (see :func:`run_evaluation`)."""
+    device = torch.device(device)
+    task = dict(pairs_test.get("task") or {})
+    size, channels = int(pairs_test["clean"].shape[-1]), int(pairs_test["clean"].shape[1])
+    checks = {"task_kind": task.get("kind"), "image_size": size, "channels": channels}
+    teacher = teacher_from_checkpoint(teacher_checkpoint, use_ema=config.use_ema, device=device, **checks)
+    student = student_from_checkpoint(student_checkpoint, use_ema=config.use_ema, device=device, **checks)
+    student_nfe = resolve_student_nfe(config, student.nfe)
+    check_references(pairs_test, config, fid_reference, classifier)
+    subset = evaluated_subset(pairs_test, config)
+    if suite is None:
+        suite = MetricSuite.build(
+            config,
+            device=device,
+            fid_reference=fid_reference,
+            classifier=classifier,
+            labelled=subset.get("labels") is not None,
+            image_size=min(size, int(pairs_test["clean"].shape[-2])),
+            progress=progress,
+        )
+    runs = teacher_runs(teacher, config.teacher_nfe, config.sampler) + student_runs(student, student_nfe)
+    return EvaluationSetup(
+        config, teacher, student, student_nfe, runs, subset, suite, task, size, channels, device, dataset,
+        fid_reference, classifier,
+    )
+
+
+def score_runs(setup: EvaluationSetup, progress: bool = True) -> Scoring:
+    """The scoring loop: the corrupted input, then every run restores the evaluated images, is
+    scored, and is timed."""
+    config, suite = setup.config, setup.suite
+    clean, xT = setup.subset["clean"], setup.subset["corrupted"]
+    mask, labels = setup.subset.get("mask"), setup.subset.get("labels")
+    rows = min(config.grid_rows, setup.num_images)
+    logger.info(
+        "evaluating %s on %d test images (%s, %s): %s",
+        setup.task.get("kind"), setup.num_images, setup.dataset or "data", device_description(setup.device),
+        ", ".join(r.label for r in setup.runs),
+    )
+
+    elapsed: dict[str, dict[str, float]] = {"restore": {}, "metrics": {}, "speed": {}}
+    tick = time.perf_counter()
+    corrupted_scores = suite.score(xT, clean, labels)
+    elapsed["metrics"]["corrupted_input"] = time.perf_counter() - tick
+
+    samples: dict[str, Tensor] = {"corrupted": xT[:rows], "clean": clean[:rows]}
+    if mask is not None:
+        samples["mask"] = mask[:rows]
+    records: list[MetricRecord] = []
+    speeds: dict[str, SamplingSpeed] = {}
+    for run in setup.runs:
+        tick = time.perf_counter()
+        restored = restore_images(
+            run, xT, mask, batch_size=config.batch_size, seed=config.seed, device=setup.device,
+            progress=progress,
+        )
+        elapsed["restore"][run.label] = time.perf_counter() - tick
+        samples[run.label] = restored[:rows]
+        tick = time.perf_counter()
+        scores = suite.score(restored, clean, labels)
+        elapsed["metrics"][run.label] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        logger.info("timing %s at batch %d", run.label, config.speed.batch_size)
+        speeds[run.label] = measure_speed(run, xT, mask, config, setup.device)
+        elapsed["speed"][run.label] = time.perf_counter() - tick
+        record = MetricRecord(
+            model=run.model,
+            nfe=run.nfe,
+            **scores,
+            sec_per_image=speeds[run.label].seconds_per_image,
+            images_per_sec=speeds[run.label].images_per_second,
+            seed=config.seed,
+        )
+        records.append(record)
+        logger.info("%s: %s", run.label, {k: record[k] for k in (*METRICS, "sec_per_image")})
+    return Scoring(corrupted_scores, records, speeds, samples, elapsed)
 
 
 def _speed_baseline(teacher_nfe: Sequence[int]) -> int:
@@ -310,11 +449,115 @@ def _speed_baseline(teacher_nfe: Sequence[int]) -> int:
     return 100 if 100 in teacher_nfe else max(teacher_nfe)
 
 
+def _with_speedups(records: list[MetricRecord], speeds: Mapping[str, SamplingSpeed]) -> list[MetricRecord]:
+    """Every student record gains its speed-up over the teacher at each evaluated NFE."""
+    teacher_speed = {r["nfe"]: speeds[f"teacher@{r['nfe']}"] for r in records if r["model"] == "teacher"}
+    for record in records:
+        if record["model"] == "student":
+            own = speeds[f"student@{record['nfe']}"]
+            record["speedup_vs_teacher"] = {
+                str(nfe): speedup(baseline, own) for nfe, baseline in sorted(teacher_speed.items())
+            }
+    return records
+
+
+def _notes(setup: EvaluationSetup, versions: Checkpoints) -> list[str]:
+    """What a reader should know: a student of another teacher, FID statistics of other weights."""
+    notes = []
+    if versions["teacher_of_student"] is not None and versions["teacher"] is not None and (
+        versions["teacher_of_student"] != versions["teacher"]
+    ):
+        notes.append(
+            f"the student was distilled from teacher version {versions['teacher_of_student']}, "
+            f"the teacher evaluated here is version {versions['teacher']}"
+        )
+        logger.warning(notes[-1])
+    fid = setup.suite.fid
+    reference_weights = (setup.fid_reference or {}).get("weights")
+    if fid is not None and reference_weights not in (None, fid.weights_source):
+        notes.append(
+            f"FID reference statistics were computed with {reference_weights}, "
+            f"the evaluation's Inception is {fid.weights_source}"
+        )
+    return notes
+
+
 def _check_json(report: Mapping[str, Any]) -> None:
     try:
         json.dumps(report, allow_nan=False)
     except ValueError as err:
         raise ValueError(f"the evaluation report holds a non-finite number: {err}") from err
+
+
+def build_report(setup: EvaluationSetup, scoring: Scoring, total_seconds: float) -> EvaluationReport:
+    """The report (:class:`~ibmd_pipeline.evaluation.schema.EvaluationReport`) of one scoring,
+    checked against its declaration and to be standard JSON (no NaN or infinity)."""
+    config, suite, device = setup.config, setup.suite, setup.device
+    teacher, student = setup.teacher, setup.student
+    versions = Checkpoints(
+        teacher=teacher.version,
+        student=student.version,
+        classifier=(setup.classifier or {}).get("catalog_version"),
+        teacher_of_student=student.config.get("teacher_version"),
+    )
+    labels = setup.subset.get("labels")
+    fid_measured = suite.fid is not None
+    report = EvaluationReport(
+        records=_with_speedups(scoring.records, scoring.speeds),
+        task=setup.task.get("kind"),
+        task_config=setup.task,
+        dataset=setup.dataset,
+        image_size=setup.image_size,
+        channels=setup.channels,
+        num_images=setup.num_images,
+        seed=config.seed,
+        sampler=config.sampler,
+        device=device_description(device),
+        weights=WeightsFacts(**suite.weights),
+        checkpoints=versions,
+        models=ModelFacts(
+            teacher=TeacherFacts(
+                bridge=teacher.bridge.kind, conditional=teacher.conditional, use_ema=config.use_ema
+            ),
+            student=StudentFacts(
+                trained_nfe=student.nfe, noise=student.noise, evaluated_nfe=list(setup.student_nfe)
+            ),
+        ),
+        classifier=ClassifierFacts(
+            ceiling=suite.accuracy(setup.subset["clean"], labels),
+            floor=scoring.corrupted_scores["ca"],
+            reason=suite.reasons.get("ca"),
+            # the classifier's own accuracy on the whole clean test split (the subset's is "ceiling")
+            clean_test_accuracy=(
+                (setup.classifier or {}).get("clean_test_accuracy") if suite.classifier else None
+            ),
+        ),
+        corrupted_input=scoring.corrupted_scores,
+        reasons={metric: suite.reasons[metric] for metric in METRICS if metric in suite.reasons},
+        fid=FIDFacts(
+            dims=config.fid.dims if fid_measured else None,
+            reference=config.fid.reference if fid_measured else None,
+            reference_images=int((setup.fid_reference or {}).get("n", 0)) if fid_measured else None,
+        ),
+        speed=SpeedFacts(
+            batch_size=config.speed.batch_size,
+            repeats=config.speed.repeats,
+            min_seconds=config.speed.min_seconds,
+            warmup=config.speed.warmup,
+            device=device_description(device),
+            baseline=f"teacher@{_speed_baseline(config.teacher_nfe)}",
+            seconds_per_batch={label: list(s.seconds_per_batch) for label, s in scoring.speeds.items()},
+        ),
+        psnr_cap_db=PSNR_CAP_DB,
+        notes=_notes(setup, versions),
+        elapsed_seconds=ElapsedSeconds(**scoring.elapsed, total=total_seconds),
+        config=config_to_dict(config),
+        grid_columns=[],
+    )
+    report["grid_columns"] = [title for title, _ in grid_columns(report, scoring.samples)]
+    check_report(report)
+    _check_json(report)
+    return report
 
 
 def run_evaluation(
@@ -332,160 +575,19 @@ def run_evaluation(
 ) -> EvaluationResult:
     """Evaluate teacher and student on the first ``num_images`` test images.
 
-    Before any sampling: both checkpoints are checked against the test data's task, image size
-    and channels (:class:`~ibmd_pipeline.teacher.model.CheckpointMismatchError`), the student's
-    NFE against its trained N (``ConfigError``), the cached references against the test data
+    Before any sampling (:func:`prepare_evaluation`): both checkpoints are checked against the
+    test data's task, image size and channels
+    (:class:`~ibmd_pipeline.teacher.model.CheckpointMismatchError`), the student's NFE against
+    its trained N (``ConfigError``), the cached references against the test data
     (:class:`~ibmd_pipeline.evaluation.references.StaleReferenceError`) and the metric weights
     (:class:`~ibmd_pipeline.metrics.weights.WeightsUnavailableError`). ``suite`` replaces the
-    metric networks (tests). The report's layout is in the module docstring; it is checked to be
-    standard JSON (no NaN or infinity).
+    metric networks (tests). Then :func:`score_runs` measures and :func:`build_report` reports.
     """
     started = time.perf_counter()
-    device = torch.device(device)
-    task = dict(pairs_test.get("task") or {})
-    task_kind = task.get("kind")
-    size, channels = int(pairs_test["clean"].shape[-1]), int(pairs_test["clean"].shape[1])
-    checks = {"task_kind": task_kind, "image_size": size, "channels": channels}
-    teacher = teacher_from_checkpoint(teacher_checkpoint, use_ema=config.use_ema, device=device, **checks)
-    student = student_from_checkpoint(student_checkpoint, use_ema=config.use_ema, device=device, **checks)
-    student_nfe = resolve_student_nfe(config, student.nfe)
-    check_references(pairs_test, config, fid_reference, classifier)
-    subset = evaluated_subset(pairs_test, config)
-    labels = subset.get("labels")
-    if suite is None:
-        suite = MetricSuite.build(
-            config,
-            device=device,
-            fid_reference=fid_reference,
-            classifier=classifier,
-            labelled=labels is not None,
-            image_size=min(size, int(pairs_test["clean"].shape[-2])),
-            progress=progress,
-        )
-    clean, xT, mask = subset["clean"], subset["corrupted"], subset.get("mask")
-    n = int(clean.shape[0])
-    rows = min(config.grid_rows, n)
-    runs = teacher_runs(teacher, config.teacher_nfe, config.sampler) + student_runs(student, student_nfe)
-    logger.info(
-        "evaluating %s on %d test images (%s, %s): %s",
-        task_kind, n, dataset or "data", device_description(device), ", ".join(r.label for r in runs),
+    setup = prepare_evaluation(
+        pairs_test, teacher_checkpoint, student_checkpoint, config, fid_reference=fid_reference,
+        classifier=classifier, device=device, dataset=dataset, progress=progress, suite=suite,
     )
-
-    elapsed: dict[str, dict[str, float]] = {"restore": {}, "metrics": {}, "speed": {}}
-    tick = time.perf_counter()
-    corrupted_scores = suite.score(xT, clean, labels)
-    elapsed["metrics"]["corrupted_input"] = time.perf_counter() - tick
-    classifier_facts = {
-        "ceiling": suite.accuracy(clean, labels),
-        "floor": corrupted_scores["ca"],
-        "reason": suite.reasons.get("ca"),
-        # the classifier's own accuracy on the whole clean test split (the subset's is "ceiling")
-        "clean_test_accuracy": (classifier or {}).get("clean_test_accuracy") if suite.classifier else None,
-    }
-
-    samples: dict[str, Tensor] = {"corrupted": xT[:rows], "clean": clean[:rows]}
-    if mask is not None:
-        samples["mask"] = mask[:rows]
-    records: list[dict[str, Any]] = []
-    speeds: dict[str, SamplingSpeed] = {}
-    for run in runs:
-        tick = time.perf_counter()
-        restored = restore_images(
-            run, xT, mask, batch_size=config.batch_size, seed=config.seed, device=device, progress=progress
-        )
-        elapsed["restore"][run.label] = time.perf_counter() - tick
-        samples[run.label] = restored[:rows]
-        tick = time.perf_counter()
-        scores = suite.score(restored, clean, labels)
-        elapsed["metrics"][run.label] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        logger.info("timing %s at batch %d", run.label, config.speed.batch_size)
-        speeds[run.label] = measure_speed(run, xT, mask, config, device)
-        elapsed["speed"][run.label] = time.perf_counter() - tick
-        record = {
-            "model": run.model,
-            "nfe": run.nfe,
-            **scores,
-            "sec_per_image": speeds[run.label].seconds_per_image,
-            "images_per_sec": speeds[run.label].images_per_second,
-            "seed": config.seed,
-        }
-        records.append(record)
-        logger.info("%s: %s", run.label, {k: record[k] for k in (*METRICS, "sec_per_image")})
-
-    teacher_speed = {r.nfe: speeds[r.label] for r in runs if r.model == "teacher"}
-    for record in records:
-        if record["model"] == "student":
-            own = speeds[f"student@{record['nfe']}"]
-            record["speedup_vs_teacher"] = {
-                str(nfe): speedup(baseline, own) for nfe, baseline in sorted(teacher_speed.items())
-            }
-
-    versions = {
-        "teacher": teacher.version,
-        "student": student.version,
-        "classifier": (classifier or {}).get("catalog_version"),
-        "teacher_of_student": student.config.get("teacher_version"),
-    }
-    notes = []
-    if versions["teacher_of_student"] is not None and teacher.version is not None and (
-        versions["teacher_of_student"] != teacher.version
-    ):
-        notes.append(
-            f"the student was distilled from teacher version {versions['teacher_of_student']}, "
-            f"the teacher evaluated here is version {teacher.version}"
-        )
-        logger.warning(notes[-1])
-    reference_weights = (fid_reference or {}).get("weights")
-    if suite.fid is not None and reference_weights not in (None, suite.fid.weights_source):
-        notes.append(
-            f"FID reference statistics were computed with {reference_weights}, "
-            f"the evaluation's Inception is {suite.fid.weights_source}"
-        )
-
-    report: dict[str, Any] = {
-        "records": records,
-        "task": task_kind,
-        "task_config": task,
-        "dataset": dataset,
-        "image_size": size,
-        "channels": channels,
-        "num_images": n,
-        "seed": config.seed,
-        "sampler": config.sampler,
-        "device": device_description(device),
-        "weights": suite.weights,
-        "checkpoints": versions,
-        "models": {
-            "teacher": {
-                "bridge": teacher.bridge.kind, "conditional": teacher.conditional, "use_ema": config.use_ema
-            },
-            "student": {
-                "trained_nfe": student.nfe, "noise": student.noise, "evaluated_nfe": list(student_nfe)
-            },
-        },
-        "classifier": classifier_facts,
-        "corrupted_input": corrupted_scores,
-        "reasons": {metric: suite.reasons[metric] for metric in METRICS if metric in suite.reasons},
-        "fid": {
-            "dims": config.fid.dims if suite.fid is not None else None,
-            "reference": config.fid.reference if suite.fid is not None else None,
-            "reference_images": int((fid_reference or {}).get("n", 0)) if suite.fid is not None else None,
-        },
-        "speed": {
-            "batch_size": config.speed.batch_size,
-            "repeats": config.speed.repeats,
-            "min_seconds": config.speed.min_seconds,
-            "warmup": config.speed.warmup,
-            "device": device_description(device),
-            "baseline": f"teacher@{_speed_baseline(config.teacher_nfe)}",
-            "seconds_per_batch": {label: list(s.seconds_per_batch) for label, s in speeds.items()},
-        },
-        "psnr_cap_db": PSNR_CAP_DB,
-        "notes": notes,
-        "elapsed_seconds": {**elapsed, "total": time.perf_counter() - started},
-        "config": config_to_dict(config),
-    }
-    report["grid_columns"] = [title for title, _ in grid_columns(report, samples)]
-    _check_json(report)
-    return EvaluationResult(report=report, samples=samples)
+    scoring = score_runs(setup, progress)
+    report = build_report(setup, scoring, time.perf_counter() - started)
+    return EvaluationResult(report=report, samples=scoring.samples)
