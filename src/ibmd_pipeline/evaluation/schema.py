@@ -13,13 +13,18 @@ from collections.abc import Mapping
 from typing import Any, Literal, NotRequired, TypedDict
 
 __all__ = [
+    "BootstrapFacts",
     "Checkpoints",
     "ClassifierFacts",
+    "ClosenessFacts",
+    "Comparison",
     "ElapsedSeconds",
     "EvaluationReport",
     "FIDFacts",
+    "MetricDifference",
     "MetricRecord",
     "ModelFacts",
+    "ProtocolFacts",
     "Scores",
     "SpeedFacts",
     "StudentFacts",
@@ -30,24 +35,64 @@ __all__ = [
 
 
 class Scores(TypedDict):
-    """Quality of one image set; ``None`` when the metric is not measured (``reasons`` says why)."""
+    """The metrics of one image set; ``None`` when a metric is not measured (``reasons`` says why).
+
+    ``intervals`` holds the 95% interval (``bootstrap.confidence``) of every measured metric.
+    """
 
     fid: float | None
+    kid: float | None  # mean over subsets
+    kid_std: float | None  # standard deviation over subsets
+    fd_classifier: float | None  # Fréchet distance in the classifier's penultimate features
+    kid_classifier: float | None
+    kid_classifier_std: float | None
     lpips: float | None
     ca: float | None  # top-1 accuracy in percent
     psnr: float  # dB, capped per image at ``psnr_cap_db``
-    ssim: float
+    ssim: float | None
+    consistency: float | None  # RMS of A(restoration) - xT in [0, 1] units
+    energy_distance: float | None  # to the reference teacher's draws, per image
+    diversity: float | None  # per-pixel standard deviation over draws
+    images: int  # images of this set (its closeness and Inception subsets are in ``protocol``)
+    intervals: dict[str, list[float]]
 
 
 class MetricRecord(Scores):
-    """One model at one NFE: its scores, speed and seed."""
+    """One model at one NFE: its scores, speed and seeds."""
 
-    model: Literal["teacher", "student"]
+    model: str  # "teacher" (main sampler), "teacher_<mode>", "student"
     nfe: int
-    sec_per_image: float
+    sampler: str | None  # the teacher's sampler; None for the student
+    label: str  # "<model>@<nfe>"
+    seed: int  # the first sampler seed
+    seeds: list[int]
+    sec_per_image: float  # throughput batch: median seconds / batch size
+    sec_per_image_iqr: float
     images_per_sec: float
-    seed: int
-    speedup_vs_teacher: NotRequired[dict[str, float]]  # students only: teacher NFE -> speed-up
+    latency_seconds: float  # batch of one: median seconds
+    latency_iqr_seconds: float
+    speedup_vs_teacher: NotRequired[dict[str, float]]  # students: teacher NFE -> throughput speed-up
+    latency_speedup_vs_teacher: NotRequired[dict[str, float]]  # students: teacher NFE -> latency speed-up
+    lpips_win_rate: NotRequired[float | None]  # students: share of images with lower LPIPS than the baseline
+
+
+class MetricDifference(TypedDict):
+    """``candidate - baseline`` of one metric, its interval and the verdict drawn from it."""
+
+    difference: float
+    interval: list[float] | None
+    verdict: Literal["better", "tie", "worse"] | None
+
+
+class Comparison(TypedDict):
+    """A student run against a teacher run, on their common first images."""
+
+    candidate: str
+    baseline: str
+    images: int
+    metrics: dict[str, MetricDifference]
+    ca_mcnemar: NotRequired[dict[str, float | int]]  # a_only, b_only, p_value
+    lpips_win_rate: NotRequired[dict[str, Any]]  # rate, interval
 
 
 class WeightsFacts(TypedDict):
@@ -64,12 +109,14 @@ class Checkpoints(TypedDict):
     student: str | None
     classifier: str | None
     teacher_of_student: str | None
+    teacher_evaluation: str | None  # the cached teacher evaluation (None: measured in this run)
 
 
 class TeacherFacts(TypedDict):
     bridge: str
     conditional: bool
     use_ema: bool
+    samplers: list[str]
 
 
 class StudentFacts(TypedDict):
@@ -98,20 +145,51 @@ class FIDFacts(TypedDict):
     reference_images: int | None
 
 
+class ClosenessFacts(TypedDict):
+    teacher: str | None  # the reference run, e.g. "teacher@100"
+    images: int
+    draws: int
+
+
+class BootstrapFacts(TypedDict):
+    resamples: int
+    confidence: float
+    seed: int
+    means: str
+    sets: str
+
+
+class ProtocolFacts(TypedDict):
+    """How the numbers were taken."""
+
+    seeds: list[int]
+    images: int
+    inception_images: int
+    inception_seeds: int
+    closeness: ClosenessFacts
+    bootstrap: BootstrapFacts
+    kid: dict[str, int]  # subset_size, subsets
+    lpips_min_size: int
+    directions: dict[str, str]  # metric -> "lower" / "higher" is better
+
+
 class SpeedFacts(TypedDict):
     batch_size: int
     repeats: int
     min_seconds: float
     warmup: int
+    threads: int
     device: str
-    baseline: str  # the record label the table's speed-up divides by, e.g. "teacher@100"
-    seconds_per_batch: dict[str, list[float]]
+    baseline: str  # the record label speed-ups divide by, e.g. "teacher@100"
+    seconds_per_batch: dict[str, list[float]]  # throughput batch, one value per round
+    latency_seconds: dict[str, list[float]]  # batch of one, one value per round
+    loops: dict[str, dict[str, int]]  # calls per measurement: {"latency", "throughput"}
 
 
 class ElapsedSeconds(TypedDict):
-    restore: dict[str, float]
-    metrics: dict[str, float]
-    speed: dict[str, float]
+    restore: dict[str, float]  # per run: restoring and per-image metrics
+    metrics: dict[str, float]  # "summary": intervals, FID, KID, comparisons
+    speed: dict[str, float]  # "round_robin"
     total: float
 
 
@@ -135,6 +213,8 @@ class EvaluationReport(TypedDict):
     corrupted_input: Scores
     reasons: dict[str, str]  # metric -> why it is null
     fid: FIDFacts
+    protocol: ProtocolFacts
+    comparisons: list[Comparison]
     speed: SpeedFacts
     psnr_cap_db: float
     notes: list[str]
@@ -143,14 +223,19 @@ class EvaluationReport(TypedDict):
     grid_columns: list[str]
 
 
-def _typed_dict_of(annotation: Any) -> type | None:
-    """The TypedDict an annotation declares (also inside ``list[...]``, ``NotRequired[...]``)."""
+def _nested(annotation: Any) -> tuple[str, type] | None:
+    """``(container, TypedDict)`` an annotation declares: ``("one", T)`` for ``T`` (also inside
+    ``T | None``), ``("list", T)`` for ``list[T]``, ``("dict", T)`` for ``dict[str, T]``."""
     if typing.is_typeddict(annotation):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _typed_dict_of(arg)
-        if found is not None:
-            return found
+        return "one", annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list and args and typing.is_typeddict(args[0]):
+        return "list", args[0]
+    if origin is dict and len(args) == 2 and typing.is_typeddict(args[1]):
+        return "dict", args[1]
+    for arg in args:  # Optional[T], NotRequired[T]
+        if typing.is_typeddict(arg):
+            return "one", arg
     return None
 
 
@@ -161,13 +246,18 @@ def _errors(value: Any, declared: type, path: str) -> list[str]:
     errors = [f"{path}{key}: missing" for key in sorted(declared.__required_keys__ - set(value))]
     errors += [f"{path}{key}: not declared" for key in sorted(set(value) - set(hints))]
     for key in sorted(set(value) & set(hints)):
-        nested = _typed_dict_of(hints[key])
-        if nested is None:
+        nested = _nested(hints[key])
+        if nested is None or value[key] is None:
             continue
-        items = value[key] if isinstance(value[key], list) else [value[key]]
-        for index, item in enumerate(items):
-            where = f"{path}{key}[{index}]." if isinstance(value[key], list) else f"{path}{key}."
-            errors += _errors(item, nested, where)
+        container, kind = nested
+        if container == "list":
+            items = [(f"{path}{key}[{i}].", item) for i, item in enumerate(value[key])]
+        elif container == "dict":
+            items = [(f"{path}{key}.{name}.", item) for name, item in value[key].items()]
+        else:
+            items = [(f"{path}{key}.", value[key])]
+        for where, item in items:
+            errors += _errors(item, kind, where)
     return errors
 
 
