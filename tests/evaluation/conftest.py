@@ -8,9 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from evaluation_fakes import make_pairs, make_student, make_teacher, tiny_config
+from evaluation_fakes import make_pairs, make_student, make_teacher, shared_metric_networks, tiny_config
 
 from ibmd_pipeline.evaluation import compute_fid_reference, train_reference_classifier
+
+
+@pytest.fixture(scope="session", autouse=True)
+def metric_networks_built_once():
+    with shared_metric_networks():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -39,4 +45,7 @@ def references(pairs_train: dict[str, Any], pairs_test: dict[str, Any]) -> dict[
     config = tiny_config()
     classifier = train_reference_classifier(pairs_train, pairs_test, config, progress=False)
     classifier["catalog_version"] = "classifier-v1"
-    return {"classifier": classifier, "fid": compute_fid_reference(pairs_test, config)}
+    return {
+        "classifier": classifier,
+        "fid": compute_fid_reference(pairs_test, config, pairs_train=pairs_train),
+    }

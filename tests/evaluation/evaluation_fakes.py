@@ -11,9 +11,14 @@ shape kind (box 0, disk 1).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
+from teacher_checkpoints import tiny_teacher_checkpoint
 
 from ibmd_pipeline.degradations.config import TaskConfig
 from ibmd_pipeline.degradations.ops import degrade
@@ -21,8 +26,6 @@ from ibmd_pipeline.distill.config import parse_distill_config
 from ibmd_pipeline.distill.trainer import distill_student
 from ibmd_pipeline.engine.config import config_to_dict
 from ibmd_pipeline.evaluation import EvaluateConfig, parse_evaluate_config
-
-from teacher_checkpoints import tiny_teacher_checkpoint
 
 SIZE = 16
 CLASS_NAMES = ["box", "disk"]
@@ -36,7 +39,7 @@ def toy_images(n: int, seed: int, size: int = SIZE) -> tuple[torch.Tensor, torch
     labels = torch.arange(n) % 2
     for i in range(n):
         cy, cx = torch.randint(size // 4, 3 * size // 4, (2,), generator=generator)
-        radius = int(torch.randint(2, size // 3, (1,), generator=generator))
+        radius = int(torch.randint(2, max(3, size // 3), (1,), generator=generator))
         if labels[i]:
             shape = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
         else:
@@ -105,14 +108,18 @@ def make_student(teacher: dict[str, Any], *, nfe: int = 1, task_kind: str | None
     return student
 
 
-#: A tiny evaluation: 8 images, 64-d FID, a small classifier, short teacher chains.
+#: A tiny evaluation: 8 images, 64-d Inception features against 16 training images, a small
+#: classifier, short teacher chains, closeness on 4 images with 4 draws, 40 resamples, one timing round.
 TINY = {
     "num_images": 8,
     "teacher_nfe": [1, 3],
     "batch_size": 4,
     "grid_rows": 3,
-    "fid": {"dims": 64, "batch_size": 8},
-    "ca": {"classifier": {"channels": [4, 8], "epochs": 2, "batch_size": 16, "lr": 0.01}},
+    "fid": {"dims": 64, "batch_size": 8, "reference_images": 16},
+    "kid": {"subset_size": 4, "subsets": 5},
+    "ca": {"classifier": {"channels": [4, 8], "embedding_dim": 8, "epochs": 2, "batch_size": 16, "lr": 0.01}},
+    "closeness": {"num_images": 4, "draws": 4},
+    "bootstrap": {"resamples": 40},
     "speed": {"batch_size": 2, "repeats": 1, "warmup": 0, "min_seconds": 0.0},
 }
 
@@ -123,3 +130,17 @@ def tiny_config(**overrides: Any) -> EvaluateConfig:
     for key, value in overrides.items():
         settings[key] = {**settings[key], **value} if isinstance(value, dict) and key in settings else value
     return parse_evaluate_config(settings)
+
+
+@contextlib.contextmanager
+def shared_metric_networks() -> Iterator[None]:
+    """Within the block, the FID Inception and the LPIPS network are built once per feature size
+    and shared by every scorer: building them (weights verified, torchvision's initialisation,
+    then the real weights) costs seconds each time, and an evaluation test builds them again and
+    again. The networks are frozen and stay on the CPU, so sharing them changes no number."""
+    from ibmd_pipeline.metrics import fid, lpips
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fid, "build_fid_inception", functools.cache(fid.build_fid_inception))
+        patch.setattr(lpips, "build_lpips_alexnet", functools.cache(lpips.build_lpips_alexnet))
+        yield

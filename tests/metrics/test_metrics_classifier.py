@@ -112,3 +112,19 @@ def test_config_is_validated_with_dotted_keys():
         parse_config(clf.ClassifierConfig, {"epochs": 0}, "evaluate.classifier")
     with pytest.raises(ConfigError, match="allowed keys"):
         parse_config(clf.ClassifierConfig, {"epoch": 3}, "evaluate.classifier")
+
+
+def test_penultimate_features_feed_the_head_and_predictions(trained):
+    checkpoint, _, (test_x, _) = trained
+    model = clf.load_classifier(checkpoint)
+    features, predictions = clf.features_and_predictions(model, test_x, batch_size=7)
+    assert features.shape == (60, SMALL.embedding_dim) and features.dtype == torch.float32
+    assert bool((features >= 0).all())  # after the ReLU
+    torch.testing.assert_close(predictions, clf.predict(model, test_x))
+    with torch.inference_mode():
+        torch.testing.assert_close(model.head(features), model(test_x))
+
+
+def test_minimum_image_size_is_one_halving_per_stage():
+    assert clf.min_image_size(SMALL) == 4
+    assert clf.min_image_size(clf.ClassifierConfig(channels=(4, 4, 4, 4))) == 16

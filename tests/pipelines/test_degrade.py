@@ -10,7 +10,7 @@ from PIL import Image
 from ibmd_pipeline.data import pairs as pairs_module
 from ibmd_pipeline.engine.config import ConfigError
 from ibmd_pipeline.io.datasets import TensorBundleDataset
-from ibmd_pipeline.pipelines.common import make_image_grid, mask_to_image
+from ibmd_pipeline.pipelines.common import TITLE_BAND, make_image_grid, mask_to_image
 from ibmd_pipeline.pipelines.degrade import create_pipeline
 from ibmd_pipeline.pipelines.degrade.nodes import make_corrupted_train, make_degrade_grid, make_pairs
 
@@ -57,8 +57,8 @@ def test_degrade_grid_shows_clean_corrupted_and_mask_per_row():
     _, val, _ = make_pairs({"max_images": 200}, {"kind": "inpaint_center"}, 0)
     grid = make_degrade_grid(val)
     tile, pad = 32 * 4 + 2, 2  # tiles enlarged 4x, 2-pixel separators
-    assert grid.mode == "L" and grid.size == (3 * tile + pad, 8 * tile + pad)
-    pixels = np.asarray(grid)
+    assert grid.mode == "L" and grid.size == (3 * tile + pad, 8 * tile + pad + TITLE_BAND)
+    pixels = np.asarray(grid)[TITLE_BAND:]  # below the column titles
     clean_tile = pixels[pad : pad + 128 : 4, pad : pad + 128 : 4]
     expected = ((val["clean"][0, 0] + 1) * 127.5).round().numpy()
     np.testing.assert_array_equal(clean_tile, expected)
@@ -138,7 +138,7 @@ def test_kedro_run_env_test_writes_versioned_outputs(degrade_run):
     assert "clean" not in corrupted_train and "labels" not in corrupted_train
     assert torch.equal(corrupted_train["corrupted"], pairs_train["corrupted"])
     with Image.open(grid_file) as grid:
-        assert grid.size == (2 * 130 + 2, 8 * 130 + 2)
+        assert grid.size == (2 * 130 + 2, 8 * 130 + 2 + TITLE_BAND)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from ibmd_pipeline.distill.trainer import DistillRun
 from ibmd_pipeline.engine.config import ConfigError, config_to_dict
 from ibmd_pipeline.io.datasets import TorchCheckpointDataset
 from ibmd_pipeline.pipeline_registry import register_pipelines
+from ibmd_pipeline.pipelines.common import TITLE_BAND
 from ibmd_pipeline.pipelines.distill import create_pipeline
 from ibmd_pipeline.pipelines.distill.nodes import distill_node, make_distill_grid, plot_distill_curves
 from ibmd_pipeline.teacher.model import (
@@ -121,9 +122,9 @@ def test_pipeline_on_an_in_memory_catalog():
     assert isinstance(figure, Figure) and len(figure.axes) >= 4
     grid = catalog.load("distill_grid")
     tile = SIZE * 8 + 2  # tiles enlarged to 128 pixels, 2-pixel separators
-    assert isinstance(grid, Image.Image) and grid.size == (4 * tile + 2, 3 * tile + 2)
+    assert isinstance(grid, Image.Image) and grid.size == (4 * tile + 2, 3 * tile + 2 + TITLE_BAND)
     # the first column shows the held-out corrupted images (the last validation.batch_size)
-    pixels = np.asarray(grid)
+    pixels = np.asarray(grid)[TITLE_BAND:]  # below the column titles
     held_out = corrupted_bundle()["corrupted"][-6:]
     first_tile = pixels[2 : 2 + 128 : 8, 2 : 2 + 128 : 8]
     np.testing.assert_array_equal(first_tile, ((held_out[0, 0] + 1) * 127.5).round().numpy())
@@ -140,7 +141,7 @@ def test_grid_and_curves_from_a_multi_step_inpainting_student():
     assert any("val/gap/student_nfe2" in r for r in student["history"])
     assert isinstance(plot_distill_curves(student), Figure)
     grid = make_distill_grid(student, teacher, bundle, ENGINE)
-    assert grid.size == (4 * (SIZE * 8 + 2) + 2, 3 * (SIZE * 8 + 2) + 2)
+    assert grid.size == (4 * (SIZE * 8 + 2) + 2, 3 * (SIZE * 8 + 2) + 2 + TITLE_BAND)
 
 
 # ---------------------------------------------------------------- end to end through KedroSession
@@ -160,6 +161,6 @@ def test_kedro_run_env_test_distills_and_writes_versioned_outputs(degrade_run, r
     assert loaded.sample(xT, generator=torch.Generator().manual_seed(0)).shape == xT.shape
     run.versioned_file("08_reporting/distill_curves.png")
     with Image.open(run.versioned_file("08_reporting/distill_grid.png")) as grid:
-        assert grid.size == (4 * 130 + 2, 4 * 130 + 2)  # 4 columns, conf/test grid_examples 4
+        assert grid.size == (4 * 130 + 2, 4 * 130 + 2 + TITLE_BAND)  # 4 columns, conf/test grid_examples 4
     workdir = project_root / "data" / "test" / "06_models" / "distill_workdir"
     assert not list(workdir.glob("run-*/last.pt"))  # removed once the student was built

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ibmd_pipeline.pipeline_registry import register_pipelines
+from ibmd_pipeline.pipelines.common import TITLE_BAND
 from ibmd_pipeline.pipelines.degrade.nodes import make_pairs
 from ibmd_pipeline.pipelines.teacher import create_pipeline
 from ibmd_pipeline.pipelines.teacher.nodes import make_teacher_grid, plot_teacher_loss, train_teacher_node
@@ -70,8 +71,10 @@ def test_pipeline_on_an_in_memory_catalog(pairs):
     assert isinstance(catalog.load("teacher_loss_plot"), Figure)
     grid = catalog.load("teacher_grid")
     tile = 32 * 4 + 2  # tiles enlarged 4x, 2-pixel separators
-    assert grid.mode == "L" and grid.size == (4 * tile + 2, 2 * tile + 2)  # corrupted | NFE 1 | NFE 3 | clean
-    clean_tile = np.asarray(grid)[2 : 2 + 128 : 4, 3 * tile + 2 : 3 * tile + 2 + 128 : 4]
+    # corrupted | NFE 1 | NFE 3 | clean, under their titles
+    assert grid.mode == "L" and grid.size == (4 * tile + 2, 2 * tile + 2 + TITLE_BAND)
+    below_titles = np.asarray(grid)[TITLE_BAND:]
+    clean_tile = below_titles[2 : 2 + 128 : 4, 3 * tile + 2 : 3 * tile + 2 + 128 : 4]
     np.testing.assert_array_equal(clean_tile, ((val["clean"][0, 0] + 1) * 127.5).round().numpy())
 
 
@@ -106,6 +109,6 @@ def test_kedro_run_env_test_trains_and_writes_the_teacher(degrade_run, run_kedro
     assert teacher.bridge.kind == "i2sb"
     assert len(list((tmp_path / "work").glob("run-*/last.pt"))) == 1  # the resumable working checkpoint
     with Image.open(run.versioned_file("08_reporting/teacher_grid.png")) as grid:
-        assert grid.size == (5 * 130 + 2, 4 * 130 + 2)  # corrupted | 3 NFEs | clean, 4 examples
+        assert grid.size == (5 * 130 + 2, 4 * 130 + 2 + TITLE_BAND)  # corrupted | 3 NFEs | clean, 4 examples
     with Image.open(run.versioned_file("08_reporting/teacher_loss.png")) as plot:
         assert plot.size[0] > 100 and plot.size[1] > 100

@@ -1,12 +1,14 @@
-"""What an evaluation report shows a reader: the paper-style table, the plots and the sample grid.
+"""What an evaluation report shows a reader: the tables, the plots and the sample grid.
 
-All three are pure functions of the report dict (and, for the grid, of the kept samples), so
-they can be redrawn from any saved ``metrics.json``.
+All of them are pure functions of the report (:class:`~ibmd_pipeline.evaluation.schema.EvaluationReport`,
+and, for the grid, of the kept samples), so they can be redrawn from any saved ``metrics.json``.
+Every value is shown with its 95% interval, and every verdict (better / tie / worse) is the
+one the report drew from the interval of a difference, never from two point values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -19,80 +21,242 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-__all__ = ["best_teacher_nfe", "grid_columns", "metrics_table", "plot_report"]
+from ibmd_pipeline.evaluation.schema import Comparison, EvaluationReport, MetricRecord, Scores  # noqa: E402
+
+__all__ = ["best_teacher_nfe", "grid_columns", "metrics_table", "plot_report", "run_title"]
 
 _BRIDGE_NAMES = {"i2sb": "I2SB", "ddbm_vp": "DDBM"}
-# column title, record key, number format; "↓"/"↑" say which direction is better
-_TABLE_COLUMNS = (
-    ("FID ↓", "fid", "{:.2f}"),
-    ("LPIPS ↓", "lpips", "{:.3f}"),
-    ("CA ↑ (%)", "ca", "{:.1f}"),
-    ("PSNR ↑ (dB)", "psnr", "{:.2f}"),
-    ("SSIM ↑", "ssim", "{:.3f}"),
+#: KID values are small; tables and plots show them times this.
+KID_SCALE = 1000.0
+# column title, record key, number format, scale; "↓"/"↑" say which direction is better
+_QUALITY_COLUMNS = (
+    ("FID ↓", "fid", "{:.2f}", 1.0),
+    ("KID ×10³ ↓", "kid", "{:.2f}", KID_SCALE),
+    ("FD cls ↓", "fd_classifier", "{:.3g}", 1.0),
+    ("KID cls ×10³ ↓", "kid_classifier", "{:.3g}", KID_SCALE),
+    ("LPIPS ↓", "lpips", "{:.3f}", 1.0),
+    ("CA ↑ (%)", "ca", "{:.1f}", 1.0),
+    ("PSNR ↑ (dB)", "psnr", "{:.2f}", 1.0),
+    ("SSIM ↑", "ssim", "{:.3f}", 1.0),
+)
+_TARGET_COLUMNS = (
+    ("Energy dist. ↓", "energy_distance", "{:.4f}", 1.0),
+    ("Diversity", "diversity", "{:.4f}", 1.0),
+    ("Consistency ↓", "consistency", "{:.4f}", 1.0),
 )
 _MISSING = "–"
 
 
-def _fmt(value: Any, pattern: str) -> str:
-    return _MISSING if value is None else pattern.format(value)
+def _fmt(value: Any, pattern: str, scale: float = 1.0) -> str:
+    return _MISSING if value is None else pattern.format(value * scale)
 
 
-def _teacher_records(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def _cell(scores: Scores, key: str, pattern: str, scale: float = 1.0) -> str:
+    """``value [low, high]``, or the value alone when it has no interval."""
+    value = scores.get(key)
+    if value is None:
+        return _MISSING
+    interval = (scores.get("intervals") or {}).get(key)
+    text = _fmt(value, pattern, scale)
+    if interval:
+        text += f" [{_fmt(interval[0], pattern, scale)}, {_fmt(interval[1], pattern, scale)}]"
+    return text
+
+
+def _teacher_records(report: EvaluationReport) -> list[MetricRecord]:
+    """The teacher's main-sampler records, by NFE."""
     return sorted((r for r in report["records"] if r["model"] == "teacher"), key=lambda r: r["nfe"])
 
 
-def _student_records(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def _mode_records(report: EvaluationReport) -> list[MetricRecord]:
+    """The records of the teacher's further sampler modes, by mode and NFE."""
+    return sorted(
+        (r for r in report["records"] if r["model"].startswith("teacher_")),
+        key=lambda r: (r["model"], r["nfe"]),
+    )
+
+
+def _student_records(report: EvaluationReport) -> list[MetricRecord]:
     return sorted((r for r in report["records"] if r["model"] == "student"), key=lambda r: r["nfe"])
 
 
-def _teacher_name(report: Mapping[str, Any]) -> str:
+def _teacher_name(report: EvaluationReport, sampler: str | None = None) -> str:
     bridge = (report.get("models") or {}).get("teacher", {}).get("bridge")
-    return f"Teacher ({_BRIDGE_NAMES.get(bridge, bridge)})" if bridge else "Teacher"
+    name = f"Teacher ({_BRIDGE_NAMES.get(bridge, bridge)})" if bridge else "Teacher"
+    return f"{name}, {sampler}" if sampler and sampler != report.get("sampler") else name
 
 
-def best_teacher_nfe(report: Mapping[str, Any]) -> int:
-    """The teacher NFE with the lowest FID (lowest LPIPS when FID is off; else the largest NFE)."""
+def run_title(label: str) -> str:
+    """A run label as a reader names it: ``teacher@100`` -> ``teacher NFE 100``."""
+    model, _, nfe = label.partition("@")
+    return f"{model.replace('_', ' ')} NFE {nfe}" if nfe else model.replace("_", " ")
+
+
+def best_teacher_nfe(report: EvaluationReport) -> int:
+    """The teacher NFE with the lowest FID (else KID, else LPIPS; else the largest NFE)."""
     teachers = _teacher_records(report)
-    for metric in ("fid", "lpips"):
+    for metric in ("fid", "kid", "lpips"):
         scored = [r for r in teachers if r.get(metric) is not None]
         if scored:
             return int(min(scored, key=lambda r: (r[metric], -r["nfe"]))["nfe"])
     return int(teachers[-1]["nfe"])
 
 
-def metrics_table(report: Mapping[str, Any]) -> str:
-    """The report as a markdown table in the paper's style, with the run's facts under it.
-
-    Rows: the corrupted input, the teacher at each NFE, the student at each NFE. Columns: FID,
-    LPIPS, CA, PSNR, SSIM, seconds per image and the speed-up over the teacher at NFE 100 (or
-    at its largest NFE when 100 was not evaluated).
-    """
-    baseline = report["speed"]["baseline"]
-    baseline_seconds = next(
-        r["sec_per_image"] for r in report["records"] if f"{r['model']}@{r['nfe']}" == baseline
-    )
-    titles = [title for title, _, _ in _TABLE_COLUMNS]
-    header = ["Model", "NFE", *titles, "s/img", f"Speed-up vs {baseline.replace('@', ' NFE ')}"]
-    lines = [
-        f"## {report['task']} on {report['dataset'] or 'the test split'}: {report['num_images']} test images",
-        "",
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [
         "| " + " | ".join(header) + " |",
         "|---|" + "---:|" * (len(header) - 1),
+        *("| " + " | ".join(row) + " |" for row in rows),
     ]
-    corrupted = report["corrupted_input"]
-    lines.append(
-        "| Corrupted input (xT) | " + _MISSING + " | "
-        + " | ".join(_fmt(corrupted.get(key), pattern) for _, key, pattern in _TABLE_COLUMNS)
-        + f" | {_MISSING} | {_MISSING} |"
-    )
-    names = {"teacher": _teacher_name(report), "student": "IBMD student"}
-    for record in _teacher_records(report) + _student_records(report):
-        cells = [names[record["model"]], str(record["nfe"])]
-        cells += [_fmt(record.get(key), pattern) for _, key, pattern in _TABLE_COLUMNS]
-        cells += [f"{record['sec_per_image']:.3g}", f"{baseline_seconds / record['sec_per_image']:.1f}×"]
-        lines.append("| " + " | ".join(cells) + " |")
 
-    classifier = report["classifier"]
+
+def _row_name(report: EvaluationReport, record: MetricRecord) -> str:
+    return "IBMD student" if record["model"] == "student" else _teacher_name(report, record["sampler"])
+
+
+def _quality_table(report: EvaluationReport, records: list[MetricRecord]) -> list[str]:
+    header = ["Model", "NFE", *(title for title, *_ in _QUALITY_COLUMNS)]
+    rows = [
+        [
+            "Corrupted input (xT)",
+            _MISSING,
+            *(_cell(report["corrupted_input"], k, p, s) for _, k, p, s in _QUALITY_COLUMNS),
+        ]
+    ]
+    for record in records:
+        rows.append(
+            [
+                _row_name(report, record),
+                str(record["nfe"]),
+                *(_cell(record, k, p, s) for _, k, p, s in _QUALITY_COLUMNS),
+            ]
+        )
+    return _table(header, rows)
+
+
+def _target_and_speed_table(report: EvaluationReport, records: list[MetricRecord]) -> list[str]:
+    baseline = report["speed"]["baseline"]
+    by_label = {r["label"]: r for r in records}
+    base = by_label.get(baseline)
+    header = [
+        "Model",
+        "NFE",
+        *(title for title, *_ in _TARGET_COLUMNS),
+        "Latency (s, IQR)",
+        "s/img (IQR)",
+        f"Speed-up vs {run_title(baseline)} (throughput, latency)",
+    ]
+    rows = []
+    for record in records:
+        speedup = _MISSING
+        if base is not None:
+            speedup = (
+                f"{base['sec_per_image'] / record['sec_per_image']:.1f}×, "
+                f"{base['latency_seconds'] / record['latency_seconds']:.1f}×"
+            )
+        rows.append(
+            [
+                _row_name(report, record),
+                str(record["nfe"]),
+                *(_cell(record, k, p, s) for _, k, p, s in _TARGET_COLUMNS),
+                f"{record['latency_seconds']:.3g} ({record['latency_iqr_seconds']:.2g})",
+                f"{record['sec_per_image']:.3g} ({record['sec_per_image_iqr']:.2g})",
+                speedup,
+            ]
+        )
+    return _table(header, rows)
+
+
+def _verdict_cell(comparison: Comparison, metric: str, scale: float) -> str:
+    """``difference [low, high] **verdict**``, to three significant digits (differences are small)."""
+    pattern = "{:.3g}"
+    entry = comparison["metrics"].get(metric)
+    if entry is None:
+        return _MISSING
+    text = _fmt(entry["difference"], pattern, scale)
+    if entry["interval"]:
+        low, high = entry["interval"]
+        text += f" [{_fmt(low, pattern, scale)}, {_fmt(high, pattern, scale)}]"
+    return f"{text} **{entry['verdict']}**" if entry["verdict"] else text
+
+
+def _verdict_table(report: EvaluationReport) -> list[str]:
+    comparisons = report.get("comparisons") or []
+    if not comparisons:
+        return []
+    header = [
+        "Student − teacher",
+        *(f"{run_title(c['candidate'])} − {run_title(c['baseline'])}" for c in comparisons),
+    ]
+    rows = []
+    for title, key, _, scale in (*_QUALITY_COLUMNS, *_TARGET_COLUMNS[:1], *_TARGET_COLUMNS[2:]):
+        if any(key in c["metrics"] for c in comparisons):
+            rows.append([title, *(_verdict_cell(c, key, scale) for c in comparisons)])
+    wins = [c.get("lpips_win_rate") for c in comparisons]
+    if any(wins):
+        rows.append(
+            [
+                "LPIPS win rate",
+                *(
+                    _MISSING
+                    if not w
+                    else f"{100 * w['rate']:.0f}%"
+                    + (
+                        f" [{100 * w['interval'][0]:.0f}, {100 * w['interval'][1]:.0f}]"
+                        if w["interval"]
+                        else ""
+                    )
+                    for w in wins
+                ),
+            ]
+        )
+    tests = [c.get("ca_mcnemar") for c in comparisons]
+    if any(tests):
+        rows.append(
+            [
+                "CA McNemar p",
+                *(
+                    _MISSING if not t else f"{t['p_value']:.3g} ({t['a_only']} vs {t['b_only']})"
+                    for t in tests
+                ),
+            ]
+        )
+    return _table(header, rows)
+
+
+def metrics_table(report: EvaluationReport) -> str:
+    """The report as markdown: quality with 95% intervals; closeness to the teacher, consistency
+    and speed; the student-minus-teacher differences with their verdicts; the run's facts."""
+    records = _teacher_records(report) + _mode_records(report) + _student_records(report)
+    protocol = report["protocol"]
+    confidence = f"{100 * protocol['bootstrap']['confidence']:.0f}%"
+    seeds = protocol["seeds"]
+    lines = [
+        f"## {report['task']} on {report['dataset'] or 'the test split'}: "
+        f"{report['num_images']} test images, "
+        f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}",
+        "",
+        f"Values with their {confidence} intervals over test images ([low, high]).",
+        "",
+        *_quality_table(report, records),
+        "",
+        *_target_and_speed_table(report, records),
+    ]
+    verdicts = _verdict_table(report)
+    if verdicts:
+        lines += [
+            "",
+            f"Differences student − teacher with {confidence} intervals; the verdict (better, tie, "
+            "worse) is whether the interval excludes 0.",
+            "",
+            *verdicts,
+        ]
+    lines += _facts(report)
+    return "\n".join(lines) + "\n"
+
+
+def _facts(report: EvaluationReport) -> list[str]:
+    protocol, classifier = report["protocol"], report["classifier"]
     facts = [""]
     if classifier.get("ceiling") is not None:
         facts.append(
@@ -100,119 +264,238 @@ def metrics_table(report: Mapping[str, Any]) -> str:
             f"floor (on the corrupted input): {classifier['floor']:.1f}%."
         )
     for metric, reason in report.get("reasons", {}).items():
-        facts.append(f"{metric.upper()} not measured: {reason}.")
+        facts.append(f"{metric} not measured: {reason}.")
     fid = report.get("fid") or {}
     if fid.get("dims") is not None:
         facts.append(
-            f"FID: {fid['dims']}-d Inception features against {fid['reference_images']} clean test images "
-            f"({fid['reference']}); weights {report['weights']['fid']}."
+            f"FID, KID: {fid['dims']}-d Inception features of the first "
+            f"{protocol['inception_images']} images "
+            f"({protocol['inception_seeds']} seed(s)) against {fid['reference_images']} clean images "
+            f"({fid['reference']} reference); weights {report['weights']['fid']}. KID: mean (std) over "
+            f"{protocol['kid']['subsets']} subsets of {protocol['kid']['subset_size']}."
+        )
+    facts.append(
+        "FD cls, KID cls: the task classifier's penultimate features against the clean evaluated images."
+    )
+    closeness = protocol["closeness"]
+    if closeness["teacher"]:
+        facts.append(
+            f"Energy distance: per image, {closeness['draws']} draws against "
+            f"{run_title(closeness['teacher'])}'s {closeness['draws']} draws, on the first "
+            f"{closeness['images']} images (for that teacher itself: "
+            "half of its draws against the other half); diversity: per-pixel standard deviation over draws."
         )
     if report["weights"].get("lpips"):
-        facts.append(f"LPIPS: AlexNet v0.1, weights {report['weights']['lpips']}.")
+        facts.append(
+            f"LPIPS: AlexNet v0.1 on images upsampled to at least {protocol['lpips_min_size']} px, "
+            f"weights {report['weights']['lpips']}."
+        )
     speed = report["speed"]
-    calls = f"{speed['repeats']} timed batches"
-    if speed.get("min_seconds"):
-        calls = f"at least {speed['repeats']} timed batches and {speed['min_seconds']:g} s of timed work"
     facts.append(
-        f"Speed: median of {calls}, batches of {speed['batch_size']}, after {speed['warmup']} "
-        f"warm-up call(s) on {speed['device']}. PSNR capped at {report['psnr_cap_db']:g} dB per image."
+        f"Speed: every model timed together, {speed['repeats']} interleaved rounds at batch 1 (latency) and "
+        f"batch {speed['batch_size']} (s/img), each measurement at least {speed['min_seconds']:g} s, after "
+        f"{speed['warmup']} warm-up call(s), {speed['threads']} thread(s) on {speed['device']}: "
+        "median (IQR). "
+        f"PSNR capped at {report['psnr_cap_db']:g} dB per image."
+    )
+    bootstrap = protocol["bootstrap"]
+    facts.append(
+        f"Intervals: {bootstrap['resamples']} resamples (seed {bootstrap['seed']}), the same for "
+        "every model; "
+        f"means: {bootstrap['means']}; FID and KID: {bootstrap['sets']}."
     )
     versions = report["checkpoints"]
     facts.append(
         f"Checkpoints: teacher {versions['teacher']}, student {versions['student']} "
-        f"(distilled from teacher {versions['teacher_of_student']}), classifier {versions['classifier']}; "
-        f"sampler {report['sampler']}, seed {report['seed']}."
+        f"(distilled from teacher {versions['teacher_of_student']}), classifier {versions['classifier']}, "
+        f"teacher evaluation {versions['teacher_evaluation'] or 'measured in this run'}; sampler "
+        f"{report['sampler']}, seeds {protocol['seeds']}."
     )
     facts += [f"Note: {note}." for note in report.get("notes", [])]
-    return "\n".join(lines + facts) + "\n"
+    return facts
 
 
-def _mark_students(ax: Axes, students: list[Mapping[str, Any]], x_key: str, y_key: str) -> None:
-    points = [(r[x_key], r[y_key], r["nfe"]) for r in students if r.get(y_key) is not None]
-    if points:
-        ax.scatter([p[0] for p in points], [p[1] for p in points], marker="*", s=220, color="tab:red",
-                   zorder=3, label="IBMD student")
-        for x, y, nfe in points:
-            ax.annotate(f"{nfe}", (x, y), textcoords="offset points", xytext=(6, 6), color="tab:red")
+# ---------------------------------------------------------------------------------------------
+# Plots
 
 
-def _unavailable(ax: Axes, metric: str, report: Mapping[str, Any]) -> None:
+def _error(record: Mapping[str, Any], key: str, scale: float) -> tuple[float, float]:
+    """Distances from the value down and up to its interval ends (0 without an interval)."""
+    interval = (record.get("intervals") or {}).get(key)
+    if not interval:
+        return 0.0, 0.0
+    value = record[key] * scale
+    return max(0.0, value - interval[0] * scale), max(0.0, interval[1] * scale - value)
+
+
+def _points(records: Sequence[Mapping[str, Any]], x_key: str, y_key: str, scale: float = 1.0):
+    chosen = [r for r in records if r.get(y_key) is not None and r.get(x_key) is not None]
+    xs = [r[x_key] for r in chosen]
+    ys = [r[y_key] * scale for r in chosen]
+    errors = [_error(r, y_key, scale) for r in chosen]
+    return chosen, xs, ys, ([e[0] for e in errors], [e[1] for e in errors])
+
+
+def _unavailable(ax: Axes, metric: str, report: EvaluationReport) -> None:
     reason = report.get("reasons", {}).get(metric, "not measured")
-    ax.text(0.5, 0.5, f"{metric.upper()} not measured:\n{reason}", ha="center", va="center",
-            transform=ax.transAxes, wrap=True)
+    ax.text(
+        0.5,
+        0.5,
+        f"{metric} not measured:\n{reason}",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        wrap=True,
+    )
 
 
-def plot_report(report: Mapping[str, Any]) -> Figure:
-    """Three panels: FID vs NFE, CA vs NFE (both log x) and FID vs seconds per image (log x).
+def _nfe_axis(ax: Axes, nfes: list[int]) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE (network evaluations)")
+    ax.set_xticks(nfes)  # plain tick labels at the evaluated NFE rather than powers of ten
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
-    The teacher is a line over its NFE, student points are red stars; dashed lines mark the
-    corrupted input and, for CA, the classifier's ceiling (clean images) and floor.
-    """
-    teachers, students = _teacher_records(report), _student_records(report)
-    figure, (ax_fid, ax_ca, ax_speed) = plt.subplots(1, 3, figsize=(16, 4.8))
-    teacher_label = _teacher_name(report)
-    nfes = sorted({r["nfe"] for r in report["records"]})
 
-    panels = ((ax_fid, "fid", "FID ↓ vs NFE"), (ax_ca, "ca", "classifier accuracy ↑ vs NFE"))
-    for ax, metric, title in panels:
-        ax.set_title(title)
-        ax.set_xscale("log")
-        ax.set_xlabel("NFE (network evaluations)")
-        # plain tick labels at the evaluated NFE rather than powers of ten
-        ax.set_xticks(nfes)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        points = [(r["nfe"], r[metric]) for r in teachers if r.get(metric) is not None]
-        if not points:
-            _unavailable(ax, metric, report)
-            continue
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="tab:blue", label=teacher_label)
-        _mark_students(ax, students, "nfe", metric)
-        corrupted = report["corrupted_input"].get(metric)
-        if corrupted is not None:
-            label = "corrupted input (floor)" if metric == "ca" else "corrupted input"
-            ax.axhline(corrupted, color="gray", ls="--", lw=1, label=label)
-        ax.set_ylabel("FID" if metric == "fid" else "CA (%)")
-    ceiling = report["classifier"].get("ceiling")
-    if ceiling is not None:
-        ax_ca.axhline(ceiling, color="tab:green", ls=":", lw=1.5, label="clean images (ceiling)")
-
-    ax_speed.set_title("FID ↓ vs seconds per image")
-    ax_speed.set_xscale("log")
-    speed = report["speed"]
-    ax_speed.set_xlabel(f"seconds per image (batch {speed['batch_size']}, {speed['device']})")
-    points = [(r["sec_per_image"], r["fid"], r["nfe"]) for r in teachers if r.get("fid") is not None]
-    if points:
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        ax_speed.plot(xs, ys, "o-", color="tab:blue", label=teacher_label)
-        for x, y, nfe in points:
-            ax_speed.annotate(
-                f"NFE {nfe}", (x, y), textcoords="offset points", xytext=(6, -12), color="tab:blue"
+def _against_nfe(ax: Axes, report: EvaluationReport, metric: str, title: str, scale: float = 1.0) -> None:
+    ax.set_title(title)
+    _nfe_axis(ax, sorted({r["nfe"] for r in report["records"]}))
+    teachers = _teacher_records(report)
+    _, xs, ys, errors = _points(teachers, "nfe", metric, scale)
+    if not xs:
+        _unavailable(ax, metric, report)
+        return
+    ax.errorbar(xs, ys, yerr=errors, fmt="o-", color="tab:blue", capsize=3, label=_teacher_name(report))
+    for mode in sorted({r["model"] for r in _mode_records(report)}):
+        records = [r for r in _mode_records(report) if r["model"] == mode]
+        _, mx, my, merr = _points(records, "nfe", metric, scale)
+        if mx:
+            ax.errorbar(
+                mx,
+                my,
+                yerr=merr,
+                fmt="s--",
+                color="tab:purple",
+                capsize=3,
+                label=_teacher_name(report, records[0]["sampler"]),
             )
-        _mark_students(ax_speed, students, "sec_per_image", "fid")
-        ax_speed.set_ylabel("FID")
-    else:
-        _unavailable(ax_speed, "fid", report)
-    for ax in (ax_fid, ax_ca, ax_speed):
+    chosen, sx, sy, serr = _points(_student_records(report), "nfe", metric, scale)
+    if sx:
+        ax.errorbar(
+            sx, sy, yerr=serr, fmt="*", markersize=14, color="tab:red", capsize=3, label="IBMD student"
+        )
+    corrupted = report["corrupted_input"].get(metric)
+    if corrupted is not None:
+        ax.axhline(corrupted * scale, color="gray", ls="--", lw=1, label="corrupted input")
+    if metric == "ca" and report["classifier"].get("ceiling") is not None:
+        ax.axhline(
+            report["classifier"]["ceiling"], color="tab:green", ls=":", lw=1.5, label="clean images (ceiling)"
+        )
+
+
+def _perception_distortion(ax: Axes, report: EvaluationReport) -> None:
+    """KID (perception) against PSNR (distortion): every run a point with both intervals."""
+    ax.set_title("perception-distortion: KID ×10³ ↓ vs PSNR ↑")
+    ax.set_xlabel("PSNR (dB)")
+    ax.set_ylabel("KID ×10³")
+    groups = (
+        (_teacher_records(report), "o", "tab:blue", _teacher_name(report)),
+        (_mode_records(report), "s", "tab:purple", "teacher, other samplers"),
+        (_student_records(report), "*", "tab:red", "IBMD student"),
+    )
+    plotted = False
+    for records, marker, color, label in groups:
+        chosen = [r for r in records if r.get("kid") is not None]
+        if not chosen:
+            continue
+        ax.errorbar(
+            [r["psnr"] for r in chosen],
+            [r["kid"] * KID_SCALE for r in chosen],
+            xerr=list(zip(*(_error(r, "psnr", 1.0) for r in chosen), strict=True)),
+            yerr=list(zip(*(_error(r, "kid", KID_SCALE) for r in chosen), strict=True)),
+            fmt=marker,
+            markersize=12 if marker == "*" else 6,
+            color=color,
+            capsize=3,
+            label=label,
+        )
+        for r in chosen:
+            ax.annotate(
+                f"{r['nfe']}",
+                (r["psnr"], r["kid"] * KID_SCALE),
+                textcoords="offset points",
+                xytext=(5, 5),
+                color=color,
+            )
+        plotted = True
+    if not plotted:
+        _unavailable(ax, "kid", report)
+
+
+def _against_time(ax: Axes, report: EvaluationReport) -> None:
+    ax.set_title("KID ×10³ ↓ vs seconds per image")
+    ax.set_xscale("log")
+    speed = report["speed"]
+    ax.set_xlabel(f"seconds per image (batch {speed['batch_size']}, {speed['device']})")
+    plotted = False
+    for records, marker, color, label in (
+        (_teacher_records(report), "o-", "tab:blue", _teacher_name(report)),
+        (_student_records(report), "*", "tab:red", "IBMD student"),
+    ):
+        chosen, xs, ys, errors = _points(records, "sec_per_image", "kid", KID_SCALE)
+        if xs:
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=errors,
+                fmt=marker,
+                markersize=14 if marker == "*" else 6,
+                color=color,
+                capsize=3,
+                label=label,
+            )
+            for r, x, y in zip(chosen, xs, ys, strict=True):
+                ax.annotate(
+                    f"NFE {r['nfe']}", (x, y), textcoords="offset points", xytext=(6, -12), color=color
+                )
+            plotted = True
+    if not plotted:
+        _unavailable(ax, "kid", report)
+
+
+def plot_report(report: EvaluationReport) -> Figure:
+    """Six panels with 95% error bars: FID, KID, classifier FD and CA against NFE (log x); the
+    perception-distortion plane (KID against PSNR); KID against seconds per image.
+
+    The teacher is a line over its NFE, other teacher samplers dashed, student points are red
+    stars; dashed lines mark the corrupted input and, for CA, the classifier's ceiling.
+    """
+    figure, axes = plt.subplots(2, 3, figsize=(18, 10))
+    _against_nfe(axes[0, 0], report, "fid", "FID ↓ vs NFE")
+    _against_nfe(axes[0, 1], report, "kid", "KID ×10³ ↓ vs NFE", KID_SCALE)
+    _perception_distortion(axes[0, 2], report)
+    _against_nfe(axes[1, 0], report, "fd_classifier", "classifier-feature FD ↓ vs NFE")
+    _against_nfe(axes[1, 1], report, "ca", "classifier accuracy ↑ (%) vs NFE")
+    _against_time(axes[1, 2], report)
+    for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
     dataset = report["dataset"] or "the test split"
-    figure.suptitle(f"{report['task']} on {dataset}: {report['num_images']} test images")
+    seeds = len(report["protocol"]["seeds"])
+    figure.suptitle(
+        f"{report['task']} on {dataset}: {report['num_images']} test images, {seeds} seed(s); "
+        "error bars: 95% intervals"
+    )
     figure.tight_layout()
     return figure
 
 
-def grid_columns(report: Mapping[str, Any], samples: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
-    """The sample grid's columns, left to right: corrupted | teacher at its smallest NFE |
-    teacher at its best NFE (lowest FID; dropped when that is the smallest) | student at its
-    largest evaluated NFE | clean. Returns ``(title, images)`` pairs."""
-    teacher_nfes = [r["nfe"] for r in _teacher_records(report)]
-    best = best_teacher_nfe(report)
-    student_nfe = _student_records(report)[-1]["nfe"]
-    fastest = f"teacher@{teacher_nfes[0]}"
-    columns = [("corrupted", samples["corrupted"]), (fastest, samples[fastest])]
-    if best != teacher_nfes[0]:
-        columns.append((f"teacher@{best}", samples[f"teacher@{best}"]))
-    columns += [(f"student@{student_nfe}", samples[f"student@{student_nfe}"]), ("clean", samples["clean"])]
+def grid_columns(report: EvaluationReport, samples: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
+    """The sample grid's titled columns, left to right: corrupted | the teacher at each NFE (and
+    each further sampler) | the student at each NFE | clean. Returns ``(title, images)`` pairs."""
+    records = _teacher_records(report) + _mode_records(report) + _student_records(report)
+    columns = [("corrupted", samples["corrupted"])]
+    columns += [(run_title(r["label"]), samples[r["label"]]) for r in records if r["label"] in samples]
+    columns.append(("clean", samples["clean"]))
     return columns

@@ -1,35 +1,25 @@
-"""Running the teacher and the student at several NFE on the same test images, and scoring them.
+"""Evaluating the teacher at several NFE and the student on the same test images and seeds.
 
-Every model at every NFE restores the same first ``num_images`` test images, in the same
-batches, each run with a fresh ``torch.Generator`` seeded with ``evaluate.seed``: runs are
-reproducible and all models see the same noise stream (common random numbers, so differences
-between rows come from the models, not from the draws). The corrupted input xT itself is
-scored as a baseline, and the classifier's accuracy on the clean and on the corrupted images
-frame every CA (ceiling and floor).
+An evaluation has four parts:
 
-Metrics per run: FID against the cached reference statistics, LPIPS / PSNR / SSIM against the
-clean images, CA (top-1, in percent) against the labels, and wall-clock speed at
-``evaluate.speed.batch_size``. PSNR is capped at :data:`PSNR_CAP_DB` per image: identical images
-have an infinite PSNR, which standard JSON cannot hold (and a mean with one ``inf`` says nothing
-about the other images). A metric that is disabled or cannot be measured is ``null`` and
-``reasons`` says why.
+1. :func:`prepare_evaluation` loads and checks everything before any sampling: both checkpoints
+   against the test data, the student's NFE, the cached references, the metric weights.
+2. The teacher's evaluation (:func:`evaluate_teacher`): the corrupted input and the teacher at
+   every NFE (and sampler mode) restore the evaluated images at every seed and are measured per
+   image (:mod:`ibmd_pipeline.evaluation.measure`). It does not depend on the student, so the
+   ``evaluate_teacher`` pipeline caches it in the catalog (``teacher_evaluation``), keyed by the
+   teacher's catalog version and the settings that shape it (:func:`teacher_evaluation_key`).
+3. The student at each NFE is measured the same way (:func:`score_students`), and its draws are
+   compared with the reference teacher's (energy distance).
+4. :func:`build_report` turns the measurements into the report (``metrics.json``, keys declared
+   in :mod:`ibmd_pipeline.evaluation.schema`): every metric with its 95% interval over images,
+   the differences between each student and each teacher run with verdicts drawn from their
+   intervals (:mod:`ibmd_pipeline.evaluation.summary`), and the speed of every model, timed
+   together at the end in interleaved rounds (:func:`time_models`).
 
-The report (``metrics.json``), standard JSON::
-
-    {"records": [{"model": "teacher" | "student", "nfe", "fid", "lpips", "ca", "psnr", "ssim",
-                  "sec_per_image", "images_per_sec", "seed",
-                  "speedup_vs_teacher": {"<teacher nfe>": x}  (students only)}, ...],
-     "task", "task_config", "dataset", "image_size", "channels", "num_images", "seed", "sampler",
-     "device", "weights": {"fid", "lpips"} (source labels),
-     "checkpoints": {"teacher", "student", "classifier", "teacher_of_student"} (catalog versions),
-     "models": {"teacher": {"bridge", "conditional", "use_ema"},
-                "student": {"trained_nfe", "noise", "evaluated_nfe"}},
-     "classifier": {"ceiling", "floor", "reason", "clean_test_accuracy"},
-     "corrupted_input": {"fid", "lpips", "ca", "psnr", "ssim"},
-     "reasons": {metric: why it is null}, "fid": {"dims", "reference", "reference_images"},
-     "speed": {"batch_size", "repeats", "min_seconds", "warmup", "device", "baseline", "seconds_per_batch"},
-     "psnr_cap_db", "notes": [...], "elapsed_seconds": {"restore", "metrics", "speed", "total"},
-     "config": the EvaluateConfig as a dict, "grid_columns": [...]}
+PSNR is capped at :data:`PSNR_CAP_DB` per image: identical images have an infinite PSNR, which
+standard JSON cannot hold. A metric that is disabled or cannot be measured is ``null`` and
+``reasons`` says why; the report never holds NaN or infinity.
 """
 
 from __future__ import annotations
@@ -38,258 +28,112 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import Tensor
 
-from ibmd_pipeline.bridges.samplers import sample
+from ibmd_pipeline.degradations.config import TaskConfig
 from ibmd_pipeline.distill.student import LoadedStudent, student_from_checkpoint
-from ibmd_pipeline.engine.config import ConfigError, config_to_dict
-from ibmd_pipeline.evaluation.config import EvaluateConfig
+from ibmd_pipeline.engine.config import config_to_dict, parse_config
+from ibmd_pipeline.evaluation.config import EvaluateConfig, speed_baseline_nfe
+from ibmd_pipeline.evaluation.measure import (
+    CORRUPTED,
+    PSNR_CAP_DB,
+    EvaluatedImages,
+    MetricSuite,
+    ModelRun,
+    RunMeasurement,
+    add_closeness,
+    measure_corrupted,
+    measure_run,
+    measurements_from_bundle,
+    measurements_to_bundle,
+    plan_run,
+    resolve_student_nfe,
+    student_runs,
+    teacher_runs,
+)
 from ibmd_pipeline.evaluation.references import (
-    build_fid_scorer,
-    build_lpips_scorer,
+    StaleReferenceError,
     check_references,
+    check_teacher_evaluation,
     evaluated_subset,
+    feature_array,
+    images_fingerprint,
+    state_fingerprint,
 )
 from ibmd_pipeline.evaluation.report import grid_columns
-from ibmd_pipeline.metrics.classifier import classifier_accuracy, load_classifier
-from ibmd_pipeline.metrics.fid import FIDScorer
-from ibmd_pipeline.metrics.image_quality import psnr_per_image, ssim
-from ibmd_pipeline.metrics.lpips import LPIPSScorer
-from ibmd_pipeline.metrics.speed import SamplingSpeed, device_description, speedup, time_sampling
+from ibmd_pipeline.evaluation.schema import (
+    BootstrapFacts,
+    Checkpoints,
+    ClassifierFacts,
+    ClosenessFacts,
+    Comparison,
+    ElapsedSeconds,
+    EvaluationReport,
+    FIDFacts,
+    MetricRecord,
+    ModelFacts,
+    ProtocolFacts,
+    Scores,
+    SpeedFacts,
+    StudentFacts,
+    TeacherFacts,
+    WeightsFacts,
+    check_report,
+)
+from ibmd_pipeline.evaluation.summary import DIRECTIONS, Summarizer
+from ibmd_pipeline.metrics.speed import RoundRobinTiming, device_description, time_round_robin
 from ibmd_pipeline.teacher.model import LoadedTeacher, teacher_from_checkpoint
 
 __all__ = [
-    "LPIPS_MIN_SIZE",
     "METRICS",
-    "PSNR_CAP_DB",
-    "STUDENT_NFE_CHOICES",
+    "TEACHER_EVALUATION_KIND",
     "EvaluationResult",
-    "MetricSuite",
-    "ModelRun",
-    "measure_speed",
-    "restore_images",
-    "resolve_student_nfe",
+    "EvaluationSetup",
+    "build_report",
+    "evaluate_teacher",
+    "prepare_evaluation",
     "run_evaluation",
-    "student_runs",
-    "teacher_runs",
+    "score_students",
+    "teacher_evaluation_key",
+    "time_models",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Per-image PSNR cap in dB (identical images would give inf; 100 dB is an MSE of 1e-10).
-PSNR_CAP_DB = 100.0
-#: Smallest image side LPIPS' AlexNet accepts (its strided convolutions and pools reduce 30 px to nothing).
-LPIPS_MIN_SIZE = 31
-#: Quality metrics of every record, in table order.
-METRICS: tuple[str, ...] = ("fid", "lpips", "ca", "psnr", "ssim")
-#: Step counts a multi-step student is evaluated at by default (those up to its trained N).
-STUDENT_NFE_CHOICES: tuple[int, ...] = (1, 2, 4)
-
-Restore = Callable[[Tensor, Tensor | None, torch.Generator], Tensor]
-
-
-@dataclass(frozen=True)
-class ModelRun:
-    """One model at one NFE: ``restore(xT, mask, generator) -> x0`` for a batch on the device."""
-
-    model: Literal["teacher", "student"]
-    nfe: int
-    restore: Restore
-
-    @property
-    def label(self) -> str:
-        return f"{self.model}@{self.nfe}"
-
-
-def teacher_runs(
-    teacher: LoadedTeacher, nfes: Sequence[int], sampler: Literal["ancestral", "deterministic"] = "ancestral"
-) -> list[ModelRun]:
-    """The teacher's bridge sampler at each NFE (ascending)."""
-
-    def at(nfe: int) -> Restore:
-        def restore(xT: Tensor, mask: Tensor | None, generator: torch.Generator) -> Tensor:
-            return sample(
-                teacher.predictor, xT, teacher.schedule, nfe, mode=sampler, mask=mask, generator=generator
-            )
-
-        return restore
-
-    return [ModelRun("teacher", nfe, at(nfe)) for nfe in sorted(nfes)]
-
-
-def student_runs(student: LoadedStudent, nfes: Sequence[int]) -> list[ModelRun]:
-    """The student's generator at each NFE (ascending; each at most its trained N)."""
-
-    def at(nfe: int) -> Restore:
-        def restore(xT: Tensor, mask: Tensor | None, generator: torch.Generator) -> Tensor:
-            return student.sample(xT, nfe=nfe, mask=mask, generator=generator)
-
-        return restore
-
-    return [ModelRun("student", nfe, at(nfe)) for nfe in sorted(nfes)]
-
-
-def resolve_student_nfe(
-    config: EvaluateConfig, trained_nfe: int, key: str = "evaluate.student_nfe"
-) -> tuple[int, ...]:
-    """The student's NFE to evaluate: ``student_nfe``, or (null) every one of 1, 2, 4 up to the
-    trained N. A listed NFE above N is a :class:`ConfigError`."""
-    if config.student_nfe is None:
-        return tuple(sorted({n for n in STUDENT_NFE_CHOICES if n <= trained_nfe} | {trained_nfe}))
-    too_many = [n for n in config.student_nfe if n > trained_nfe]
-    if too_many:
-        raise ConfigError(
-            key,
-            f"lists {too_many}, but the student was trained with {trained_nfe} step(s) and runs at most "
-            "that many",
-        )
-    return tuple(sorted(config.student_nfe))
-
-
-def _batches(count: int, batch_size: int) -> list[slice]:
-    return [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
-
-
-@torch.no_grad()
-def restore_images(
-    run: ModelRun,
-    xT: Tensor,
-    mask: Tensor | None,
-    *,
-    batch_size: int,
-    seed: int,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-) -> Tensor:
-    """Restore every image of ``xT`` with ``run`` in batches; one generator seeded with ``seed``
-    drives all of them. Returns float32 on the CPU; non-finite output is an error."""
-    device = torch.device(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    outputs = []
-    bar = tqdm(total=xT.shape[0], desc=f"restore {run.label}", unit="img", disable=not progress)
-    for part in _batches(xT.shape[0], batch_size):
-        batch_mask = None if mask is None else mask[part].to(device, torch.float32)
-        outputs.append(run.restore(xT[part].to(device, torch.float32), batch_mask, generator).float().cpu())
-        bar.update(part.stop - part.start)
-    bar.close()
-    restored = torch.cat(outputs)
-    if not torch.isfinite(restored).all():
-        raise FloatingPointError(f"{run.label} produced non-finite images; the checkpoint is unusable")
-    return restored
-
-
-def measure_speed(
-    run: ModelRun, xT: Tensor, mask: Tensor | None, config: EvaluateConfig, device: torch.device | str
-) -> SamplingSpeed:
-    """Seconds per image of ``run`` at ``evaluate.speed.batch_size`` (warm-up excluded, median of repeats).
-
-    The batch is the first test images, repeated when there are fewer than the batch size.
-    """
-    device = torch.device(device)
-    size = config.speed.batch_size
-    repeat = math.ceil(size / xT.shape[0])
-    batch = xT.repeat(repeat, 1, 1, 1)[:size].to(device, torch.float32)
-    batch_mask = None if mask is None else mask.repeat(repeat, 1, 1, 1)[:size].to(device, torch.float32)
-
-    def once() -> Tensor:
-        with torch.no_grad():
-            return run.restore(batch, batch_mask, torch.Generator(device=device).manual_seed(config.seed))
-
-    speed = config.speed
-    return time_sampling(
-        once, size, device, repeats=speed.repeats, warmup=speed.warmup, min_seconds=speed.min_seconds
-    )
-
-
-@dataclass
-class MetricSuite:
-    """The metric networks of one evaluation; a metric whose network is None is reported as null
-    with the reason in ``reasons``."""
-
-    fid: FIDScorer | None
-    lpips: LPIPSScorer | None
-    classifier: nn.Module | None
-    reasons: dict[str, str] = field(default_factory=dict)
-    device: torch.device = torch.device("cpu")
-    batch_size: int = 64
-
-    @classmethod
-    def build(
-        cls,
-        config: EvaluateConfig,
-        *,
-        device: torch.device | str = "cpu",
-        fid_reference: Mapping[str, Any] | None = None,
-        classifier: Mapping[str, Any] | None = None,
-        labelled: bool = True,
-        image_size: int | None = None,
-        progress: bool = True,
-    ) -> MetricSuite:
-        """Build the enabled metrics (weights are located here: a missing file fails now, with
-        a message that says how to provide it or to disable the metric).
-
-        ``labelled``: whether the evaluated images have class labels (else CA is null);
-        ``image_size``: the images' side (LPIPS is null below :data:`LPIPS_MIN_SIZE`).
-        """
-        device = torch.device(device)
-        reasons: dict[str, str] = {}
-        fid = lpips = model = None
-        if config.fid.enabled:
-            fid = build_fid_scorer(config, device, progress)
-            if fid_reference is None:
-                raise ValueError("FID is enabled but no reference statistics were given")
-            fid.set_reference(fid_reference)
-        else:
-            reasons["fid"] = "disabled (evaluate.fid.enabled: false)"
-        if config.lpips.enabled and image_size is not None and image_size < LPIPS_MIN_SIZE:
-            reasons["lpips"] = (
-                f"LPIPS' AlexNet needs images of at least {LPIPS_MIN_SIZE} px, these have {image_size}"
-            )
-            logger.warning("LPIPS is not measured: %s", reasons["lpips"])
-        elif config.lpips.enabled:
-            lpips = build_lpips_scorer(config, device)
-        else:
-            reasons["lpips"] = "disabled (evaluate.lpips.enabled: false)"
-        if not config.ca.enabled:
-            reasons["ca"] = "disabled (evaluate.ca.enabled: false)"
-        elif not labelled:
-            reasons["ca"] = "the evaluation data has no class labels"
-        elif classifier is None or classifier.get("model") is None:
-            reasons["ca"] = (classifier or {}).get("reason") or "no classifier was trained"
-        else:
-            model = load_classifier(classifier).to(device)
-        return cls(fid, lpips, model, reasons, device, config.batch_size)
-
-    @property
-    def weights(self) -> dict[str, str | None]:
-        """Where the FID and LPIPS weights came from (``official:<path>`` / ``offline:<package>``)."""
-        return {
-            "fid": self.fid.weights_source if self.fid is not None else None,
-            "lpips": self.lpips.weights_source if self.lpips is not None else None,
-        }
-
-    def accuracy(self, images: Tensor, labels: Tensor | None) -> float | None:
-        """CA in percent, or None when it is not measured."""
-        if self.classifier is None or labels is None:
-            return None
-        return classifier_accuracy(self.classifier, images, labels, self.batch_size, self.device)
-
-    def score(self, images: Tensor, clean: Tensor, labels: Tensor | None) -> dict[str, float | None]:
-        """``{"fid", "lpips", "ca", "psnr", "ssim"}`` of restorations ``images`` (CA in percent,
-        PSNR in dB capped per image at :data:`PSNR_CAP_DB`)."""
-        return {
-            "fid": self.fid.score(images) if self.fid is not None else None,
-            "lpips": self.lpips.score(images, clean) if self.lpips is not None else None,
-            "ca": self.accuracy(images, labels),
-            "psnr": psnr_per_image(images, clean).clamp(max=PSNR_CAP_DB).mean().item(),
-            "ssim": ssim(images, clean),
-        }
+#: Metrics of every record, in table order.
+METRICS: tuple[str, ...] = (
+    "fid",
+    "kid",
+    "fd_classifier",
+    "kid_classifier",
+    "lpips",
+    "ca",
+    "psnr",
+    "ssim",
+    "consistency",
+    "energy_distance",
+    "diversity",
+)
+#: ``kind`` of the cached teacher evaluation bundle.
+TEACHER_EVALUATION_KIND = "teacher_evaluation"
+# Which ``MetricSuite.reasons`` entry makes each metric null.
+_REASON_OF = {
+    "fid": "fid",
+    "kid": "fid",
+    "fd_classifier": "ca",
+    "kid_classifier": "ca",
+    "ca": "ca",
+    "lpips": "lpips",
+    "ssim": "ssim",
+    "consistency": "consistency",
+    "energy_distance": "closeness",
+    "diversity": "closeness",
+}
 
 
 @dataclass
@@ -300,14 +144,370 @@ class EvaluationResult:
     (``"teacher@100"``, ``"student@1"``) to ``(rows, C, H, W)`` CPU tensors.
     """
 
-    report: dict[str, Any]
+    report: EvaluationReport
     samples: dict[str, Tensor]
 
 
-def _speed_baseline(teacher_nfe: Sequence[int]) -> int:
-    """The teacher NFE the table's speed-up column divides by: 100 (the paper's) when
-    evaluated, else the teacher's largest."""
-    return 100 if 100 in teacher_nfe else max(teacher_nfe)
+@dataclass
+class EvaluationSetup:
+    """Everything an evaluation needs, loaded and checked before any sampling."""
+
+    config: EvaluateConfig
+    teacher: LoadedTeacher
+    student: LoadedStudent | None
+    student_nfe: tuple[int, ...]
+    data: EvaluatedImages
+    suite: MetricSuite
+    task: dict[str, Any]
+    image_size: int
+    channels: int
+    device: torch.device
+    dataset: str
+    fid_reference: Mapping[str, Any] | None
+    classifier: Mapping[str, Any] | None
+
+    def teacher_runs(self) -> list[ModelRun]:
+        """The main sampler at every NFE, then every further sampler mode."""
+        runs = teacher_runs(self.teacher, self.config.teacher_nfe, self.config.sampler)
+        for mode in self.config.teacher_modes:
+            runs += teacher_runs(self.teacher, self.config.teacher_nfe, mode, model=f"teacher_{mode}")
+        return runs
+
+    def student_runs(self) -> list[ModelRun]:
+        return [] if self.student is None else student_runs(self.student, self.student_nfe)
+
+    @property
+    def closeness_label(self) -> str:
+        return f"teacher@{self.config.closeness_nfe}"
+
+
+def _task_config(task: Mapping[str, Any]) -> TaskConfig | None:
+    return parse_config(TaskConfig, task, "task") if task.get("kind") else None
+
+
+def prepare_evaluation(
+    pairs_test: Mapping[str, Any],
+    teacher_checkpoint: Mapping[str, Any],
+    student_checkpoint: Mapping[str, Any] | None,
+    config: EvaluateConfig,
+    *,
+    fid_reference: Mapping[str, Any] | None,
+    classifier: Mapping[str, Any] | None,
+    device: torch.device | str = "cpu",
+    dataset: str = "",
+    progress: bool = True,
+    suite: MetricSuite | None = None,
+) -> EvaluationSetup:
+    """Load and check everything before any sampling (see :func:`run_evaluation`); without a
+    student checkpoint, the setup of the teacher's evaluation alone."""
+    device = torch.device(device)
+    task = dict(pairs_test.get("task") or {})
+    size, channels = int(pairs_test["clean"].shape[-1]), int(pairs_test["clean"].shape[1])
+    checks = {"task_kind": task.get("kind"), "image_size": size, "channels": channels}
+    teacher = teacher_from_checkpoint(teacher_checkpoint, use_ema=config.use_ema, device=device, **checks)
+    student, student_nfe = None, ()
+    if student_checkpoint is not None:
+        student = student_from_checkpoint(student_checkpoint, use_ema=config.use_ema, device=device, **checks)
+        student_nfe = resolve_student_nfe(config, student.nfe)
+    check_references(pairs_test, config, fid_reference, classifier)
+    data = EvaluatedImages.from_subset(evaluated_subset(pairs_test, config))
+    if suite is None:
+        suite = MetricSuite.build(
+            config,
+            device=device,
+            fid_reference=fid_reference,
+            classifier=classifier,
+            labelled=data.labels is not None,
+            image_size=data.image_size,
+            progress=progress,
+            task=_task_config(task),
+        )
+    if not config.closeness.enabled:
+        suite.reasons.setdefault("closeness", "disabled (evaluate.closeness.enabled: false)")
+    return EvaluationSetup(
+        config,
+        teacher,
+        student,
+        student_nfe,
+        data,
+        suite,
+        task,
+        size,
+        channels,
+        device,
+        dataset,
+        fid_reference,
+        classifier,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher's evaluation (cached between students)
+
+
+def teacher_evaluation_key(setup: EvaluationSetup) -> dict[str, Any]:
+    """What the teacher's measurements depend on: the teacher, the test data, the classifier, the
+    metric weights and the settings that shape restorations and per-image values."""
+    config = setup.config
+    classifier = setup.classifier or {}
+    teacher_identity = setup.teacher.version or state_fingerprint(setup.teacher.predictor.state_dict())
+    classifier_identity = None
+    if setup.suite.classifier is not None:
+        classifier_identity = classifier.get("catalog_version") or state_fingerprint(classifier["model"])
+    return {
+        "teacher": teacher_identity,
+        "test_images": images_fingerprint(setup.data.clean) + f"|{setup.data.count}",
+        "classifier": classifier_identity,
+        "weights": setup.suite.weights,
+        "reasons": dict(sorted(setup.suite.reasons.items())),
+        "settings": {
+            "num_images": config.num_images,
+            "teacher_nfe": list(config.teacher_nfe),
+            "teacher_max_images": {str(k): v for k, v in sorted(config.teacher_max_images.items())},
+            "sampler": config.sampler,
+            "teacher_modes": list(config.teacher_modes),
+            "seeds": list(config.seeds),
+            "batch_size": config.batch_size,
+            "use_ema": config.use_ema,
+            "grid_rows": config.grid_rows,
+            "fid": {k: v for k, v in config_to_dict(config.fid).items() if k != "batch_size"},
+            "lpips": config_to_dict(config.lpips),
+            "closeness": {**config_to_dict(config.closeness), "teacher_nfe": config.closeness_nfe},
+        },
+    }
+
+
+def _measure_teacher(setup: EvaluationSetup, progress: bool) -> tuple[list[RunMeasurement], dict[str, float]]:
+    """The corrupted input and every teacher run, measured; closeness against the reference run."""
+    config, data = setup.config, setup.data
+    elapsed: dict[str, float] = {}
+    tick = time.perf_counter()
+    measurements = [measure_corrupted(data, plan_run(config, data.count), setup.suite)]
+    elapsed[CORRUPTED] = time.perf_counter() - tick
+    for run in setup.teacher_runs():
+        tick = time.perf_counter()
+        plan = plan_run(config, data.count, run.nfe, teacher=True)
+        logger.info(
+            "teacher evaluation: %s on %d images at seeds %s", run.label, plan.images, list(plan.seeds)
+        )
+        measurements.append(
+            measure_run(run, data, plan, setup.suite, batch_size=config.batch_size, progress=progress)
+        )
+        elapsed[run.label] = time.perf_counter() - tick
+    by_label = {m.label: m for m in measurements}
+    reference = by_label.get(setup.closeness_label)
+    if reference is not None and reference.draws is not None:
+        for measurement in measurements[1:]:
+            if measurement is not reference:
+                add_closeness(measurement, reference)
+        add_closeness(reference, reference, keep_draws=True)
+    return measurements, elapsed
+
+
+def evaluate_teacher(
+    pairs_test: Mapping[str, Any],
+    teacher_checkpoint: Mapping[str, Any],
+    config: EvaluateConfig,
+    *,
+    fid_reference: Mapping[str, Any] | None,
+    classifier: Mapping[str, Any] | None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    suite: MetricSuite | None = None,
+) -> dict[str, Any]:
+    """The teacher's evaluation as a catalog bundle (``teacher_evaluation``): the measurements of
+    the corrupted input and of the teacher at every NFE and sampler mode, with their key."""
+    setup = prepare_evaluation(
+        pairs_test,
+        teacher_checkpoint,
+        None,
+        config,
+        fid_reference=fid_reference,
+        classifier=classifier,
+        device=device,
+        progress=progress,
+        suite=suite,
+    )
+    measurements, elapsed = _measure_teacher(setup, progress)
+    meta = {
+        "kind": TEACHER_EVALUATION_KIND,
+        "key": teacher_evaluation_key(setup),
+        "elapsed_seconds": elapsed,
+    }
+    return measurements_to_bundle(measurements, meta)
+
+
+def _cached_teacher(
+    setup: EvaluationSetup, cached: Mapping[str, Any]
+) -> tuple[list[RunMeasurement], dict[str, float]]:
+    if cached.get("kind") != TEACHER_EVALUATION_KIND:
+        raise StaleReferenceError("the cached teacher evaluation is not a teacher evaluation bundle")
+    check_teacher_evaluation(cached, teacher_evaluation_key(setup))
+    return measurements_from_bundle(cached), dict(cached.get("elapsed_seconds") or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Students, speed
+
+
+def score_students(
+    setup: EvaluationSetup, reference: RunMeasurement | None, progress: bool = True
+) -> tuple[list[RunMeasurement], dict[str, float]]:
+    """Measure the student at every evaluated NFE; closeness against the reference teacher run."""
+    measurements, elapsed = [], {}
+    for run in setup.student_runs():
+        tick = time.perf_counter()
+        plan = plan_run(setup.config, setup.data.count)
+        measurement = measure_run(
+            run, setup.data, plan, setup.suite, batch_size=setup.config.batch_size, progress=progress
+        )
+        if reference is not None:
+            add_closeness(measurement, reference)
+        measurements.append(measurement)
+        elapsed[run.label] = time.perf_counter() - tick
+    return measurements, elapsed
+
+
+def time_models(setup: EvaluationSetup, runs: list[ModelRun]) -> dict[str, dict[str, RoundRobinTiming]]:
+    """Latency (batch of one) and throughput (``speed.batch_size``) of every run, timed together
+    in interleaved rounds with a fixed thread count (:func:`~ibmd_pipeline.metrics.speed.time_round_robin`).
+
+    Returns ``{label: {"latency": timing, "throughput": timing}}``; every call restores the first
+    test images (repeated to fill the batch) with a generator seeded with ``evaluate.seed``.
+    """
+    config, device = setup.config, setup.device
+    size = config.speed.batch_size
+    xT, mask = setup.data.corrupted, setup.data.mask
+    repeat = math.ceil(size / xT.shape[0])
+    batch = xT.repeat(repeat, 1, 1, 1)[:size].to(device, torch.float32)
+    batch_mask = None if mask is None else mask.repeat(repeat, 1, 1, 1)[:size].to(device, torch.float32)
+
+    def call(run: ModelRun, images: Tensor, images_mask: Tensor | None):
+        def once() -> Tensor:
+            with torch.no_grad():
+                return run.restore(
+                    images, images_mask, torch.Generator(device=device).manual_seed(config.seed)
+                )
+
+        return once
+
+    calls = {}
+    for run in runs:
+        calls[f"{run.label}|latency"] = call(run, batch[:1], None if batch_mask is None else batch_mask[:1])
+        calls[f"{run.label}|throughput"] = call(run, batch, batch_mask)
+    speed = config.speed
+    logger.info("timing %d models together: %d rounds, batch 1 and %d", len(runs), speed.repeats, size)
+    timings = time_round_robin(
+        calls,
+        rounds=speed.repeats,
+        warmup=speed.warmup,
+        min_seconds=speed.min_seconds,
+        threads=speed.threads or None,
+        device=device,
+    )
+    result: dict[str, dict[str, RoundRobinTiming]] = {}
+    for key, timing in timings.items():
+        label, kind = key.split("|")
+        result.setdefault(label, {})[kind] = timing
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _summarizer(setup: EvaluationSetup) -> Summarizer:
+    config, suite = setup.config, setup.suite
+    inception = None
+    if suite.fid is not None and setup.fid_reference is not None:
+        inception = feature_array(setup.fid_reference["features"])
+    classifier_reference = None
+    if suite.classifier is not None and setup.data.labels is not None:
+        outputs = suite.classifier_features(setup.data.clean)
+        classifier_reference = None if outputs is None else outputs[0]
+    return Summarizer(
+        config.bootstrap,
+        config.kid,
+        inception_reference=inception,
+        inception_paired=config.fid.reference == "evaluated",
+        classifier_reference=classifier_reference,
+    )
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _scores(summary: Mapping[str, Any]) -> Scores:
+    return Scores(
+        **{metric: _finite_or_none(summary[metric]) for metric in METRICS},
+        kid_std=summary["kid_std"],
+        kid_classifier_std=summary["kid_classifier_std"],
+        images=summary["images"],
+        intervals=summary["intervals"],
+    )
+
+
+def _record(
+    measurement: RunMeasurement,
+    summary: Mapping[str, Any],
+    timing: Mapping[str, RoundRobinTiming],
+    batch_size: int,
+) -> MetricRecord:
+    throughput, latency = timing["throughput"], timing["latency"]
+    return MetricRecord(
+        model=measurement.model,
+        nfe=measurement.nfe,
+        sampler=measurement.sampler,
+        label=measurement.label,
+        seed=measurement.seeds[0],
+        seeds=list(measurement.seeds),
+        **_scores(summary),
+        sec_per_image=throughput.median / batch_size,
+        sec_per_image_iqr=throughput.iqr / batch_size,
+        images_per_sec=batch_size / throughput.median,
+        latency_seconds=latency.median,
+        latency_iqr_seconds=latency.iqr,
+    )
+
+
+def _with_speedups(records: list[MetricRecord]) -> None:
+    """Every student record gains its speed-ups over the teacher (main sampler) at each NFE."""
+    teachers = {r["nfe"]: r for r in records if r["model"] == "teacher"}
+    for record in records:
+        if record["model"] == "student":
+            record["speedup_vs_teacher"] = {
+                str(nfe): t["sec_per_image"] / record["sec_per_image"] for nfe, t in sorted(teachers.items())
+            }
+            record["latency_speedup_vs_teacher"] = {
+                str(nfe): t["latency_seconds"] / record["latency_seconds"]
+                for nfe, t in sorted(teachers.items())
+            }
+
+
+def _notes(setup: EvaluationSetup, versions: Checkpoints) -> list[str]:
+    """What a reader should know: a student of another teacher, FID statistics of other weights."""
+    notes = []
+    if (
+        versions["teacher_of_student"] is not None
+        and versions["teacher"] is not None
+        and (versions["teacher_of_student"] != versions["teacher"])
+    ):
+        notes.append(
+            f"the student was distilled from teacher version {versions['teacher_of_student']}, "
+            f"the teacher evaluated here is version {versions['teacher']}"
+        )
+        logger.warning(notes[-1])
+    fid = setup.suite.fid
+    reference_weights = (setup.fid_reference or {}).get("weights")
+    if fid is not None and reference_weights not in (None, fid.weights_source):
+        notes.append(
+            f"FID reference features were computed with {reference_weights}, "
+            f"the evaluation's Inception is {fid.weights_source}"
+        )
+    return notes
 
 
 def _check_json(report: Mapping[str, Any]) -> None:
@@ -315,6 +515,167 @@ def _check_json(report: Mapping[str, Any]) -> None:
         json.dumps(report, allow_nan=False)
     except ValueError as err:
         raise ValueError(f"the evaluation report holds a non-finite number: {err}") from err
+
+
+def _reasons(setup: EvaluationSetup, summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """metric -> why it is null, for every metric that some model's record lacks (the corrupted
+    input has no draws: it is no model)."""
+    reasons = {}
+    for metric in METRICS:
+        models = [s for label, s in summaries.items() if label != CORRUPTED]
+        if all(s[metric] is not None for s in models):
+            continue
+        reason = setup.suite.reasons.get(_REASON_OF[metric])
+        if reason is None and metric in ("energy_distance", "diversity"):
+            reason = f"the reference teacher {setup.closeness_label} has fewer than 2 draws per image"
+        reasons[metric] = reason or "not measured"
+    return reasons
+
+
+@dataclass
+class Scoring:
+    """Every measurement of one evaluation and how long each took."""
+
+    corrupted: RunMeasurement
+    teachers: list[RunMeasurement]
+    students: list[RunMeasurement]
+    timings: dict[str, dict[str, RoundRobinTiming]]
+    elapsed: dict[str, float]
+    teacher_evaluation_version: str | None
+
+    @property
+    def models(self) -> list[RunMeasurement]:
+        return self.teachers + self.students
+
+
+def build_report(
+    setup: EvaluationSetup, scoring: Scoring, elapsed_speed: float, started: float
+) -> EvaluationReport:
+    """The report of one evaluation, checked against its declaration and to be standard JSON."""
+    tick = time.perf_counter()
+    config, suite, device = setup.config, setup.suite, setup.device
+    summarizer = _summarizer(setup)
+    summaries = {m.label: summarizer.summarize(m) for m in [scoring.corrupted, *scoring.models]}
+    records = [
+        _record(m, summaries[m.label], scoring.timings[m.label], config.speed.batch_size)
+        for m in scoring.models
+    ]
+    _with_speedups(records)
+    comparisons: list[Comparison] = [
+        Comparison(**summarizer.compare(student, teacher))
+        for student in scoring.students
+        for teacher in scoring.teachers
+    ]
+    baseline = f"teacher@{speed_baseline_nfe(config.teacher_nfe)}"
+    for record in records:
+        if record["model"] == "student":
+            match = [
+                c for c in comparisons if c["candidate"] == record["label"] and c["baseline"] == baseline
+            ]
+            record["lpips_win_rate"] = (match[0].get("lpips_win_rate") or {}).get("rate") if match else None
+
+    teacher, student = setup.teacher, setup.student
+    versions = Checkpoints(
+        teacher=teacher.version,
+        student=student.version,
+        classifier=(setup.classifier or {}).get("catalog_version"),
+        teacher_of_student=student.config.get("teacher_version"),
+        teacher_evaluation=scoring.teacher_evaluation_version,
+    )
+    labels = setup.data.labels
+    corrupted = _scores(summaries[CORRUPTED])
+    fid_measured = suite.fid is not None
+    teacher_plan = plan_run(config, setup.data.count)
+    summary_seconds = time.perf_counter() - tick
+    report = EvaluationReport(
+        records=records,
+        task=setup.task.get("kind"),
+        task_config=setup.task,
+        dataset=setup.dataset,
+        image_size=setup.image_size,
+        channels=setup.channels,
+        num_images=setup.data.count,
+        seed=config.seed,
+        sampler=config.sampler,
+        device=device_description(device),
+        weights=WeightsFacts(**suite.weights),
+        checkpoints=versions,
+        models=ModelFacts(
+            teacher=TeacherFacts(
+                bridge=teacher.bridge.kind,
+                conditional=teacher.conditional,
+                use_ema=config.use_ema,
+                samplers=[config.sampler, *config.teacher_modes],
+            ),
+            student=StudentFacts(
+                trained_nfe=student.nfe, noise=student.noise, evaluated_nfe=list(setup.student_nfe)
+            ),
+        ),
+        classifier=ClassifierFacts(
+            ceiling=suite.accuracy(setup.data.clean, labels),
+            floor=corrupted["ca"],
+            reason=suite.reasons.get("ca"),
+            # the classifier's own accuracy on the whole clean test split (the subset's is "ceiling")
+            clean_test_accuracy=(
+                (setup.classifier or {}).get("clean_test_accuracy") if suite.classifier else None
+            ),
+        ),
+        corrupted_input=corrupted,
+        reasons=_reasons(setup, summaries),
+        fid=FIDFacts(
+            dims=config.fid.dims if fid_measured else None,
+            reference=config.fid.reference if fid_measured else None,
+            reference_images=int((setup.fid_reference or {}).get("n", 0)) if fid_measured else None,
+        ),
+        protocol=ProtocolFacts(
+            seeds=list(config.seeds),
+            images=setup.data.count,
+            inception_images=teacher_plan.inception_images if fid_measured else 0,
+            inception_seeds=config.fid.seeds if fid_measured else 0,
+            closeness=ClosenessFacts(
+                teacher=setup.closeness_label if config.closeness.enabled else None,
+                images=teacher_plan.closeness_images,
+                draws=config.closeness.draws if config.closeness.enabled else 0,
+            ),
+            bootstrap=BootstrapFacts(
+                resamples=config.bootstrap.resamples,
+                confidence=config.bootstrap.confidence,
+                seed=config.bootstrap.seed,
+                means="paired bootstrap over images, percentile interval",
+                sets="half-samples without replacement, centred on the full-sample value",
+            ),
+            kid={"subset_size": config.kid.subset_size, "subsets": config.kid.subsets},
+            lpips_min_size=config.lpips.min_size,
+            directions=dict(DIRECTIONS),
+        ),
+        comparisons=comparisons,
+        speed=SpeedFacts(
+            batch_size=config.speed.batch_size,
+            repeats=config.speed.repeats,
+            min_seconds=config.speed.min_seconds,
+            warmup=config.speed.warmup,
+            threads=config.speed.threads or torch.get_num_threads(),
+            device=device_description(device),
+            baseline=baseline,
+            seconds_per_batch={k: list(t["throughput"].seconds) for k, t in scoring.timings.items()},
+            latency_seconds={k: list(t["latency"].seconds) for k, t in scoring.timings.items()},
+            loops={
+                k: {kind: t[kind].loops for kind in ("latency", "throughput")}
+                for k, t in scoring.timings.items()
+            },
+        ),
+        psnr_cap_db=PSNR_CAP_DB,
+        notes=_notes(setup, versions),
+        elapsed_seconds=ElapsedSeconds(
+            restore=scoring.elapsed,
+            metrics={"summary": summary_seconds},
+            speed={"round_robin": elapsed_speed},
+            total=time.perf_counter() - started,
+        ),
+        config=config_to_dict(config),
+        grid_columns=[],
+    )
+    return report
 
 
 def run_evaluation(
@@ -329,163 +690,58 @@ def run_evaluation(
     dataset: str = "",
     progress: bool = True,
     suite: MetricSuite | None = None,
+    teacher_evaluation: Mapping[str, Any] | None = None,
 ) -> EvaluationResult:
-    """Evaluate teacher and student on the first ``num_images`` test images.
+    """Evaluate teacher and student on the first ``num_images`` test images at every seed.
 
-    Before any sampling: both checkpoints are checked against the test data's task, image size
-    and channels (:class:`~ibmd_pipeline.teacher.model.CheckpointMismatchError`), the student's
-    NFE against its trained N (``ConfigError``), the cached references against the test data
+    Before any sampling (:func:`prepare_evaluation`): both checkpoints are checked against the
+    test data's task, image size and channels
+    (:class:`~ibmd_pipeline.teacher.model.CheckpointMismatchError`), the student's NFE against
+    its trained N (``ConfigError``), the cached references and the cached ``teacher_evaluation``
+    (when given) against the test data, teacher and settings
     (:class:`~ibmd_pipeline.evaluation.references.StaleReferenceError`) and the metric weights
-    (:class:`~ibmd_pipeline.metrics.weights.WeightsUnavailableError`). ``suite`` replaces the
-    metric networks (tests). The report's layout is in the module docstring; it is checked to be
-    standard JSON (no NaN or infinity).
+    (:class:`~ibmd_pipeline.metrics.weights.WeightsUnavailableError`). Without a cached teacher
+    evaluation the teacher is measured here. ``suite`` replaces the metric networks (tests).
     """
     started = time.perf_counter()
-    device = torch.device(device)
-    task = dict(pairs_test.get("task") or {})
-    task_kind = task.get("kind")
-    size, channels = int(pairs_test["clean"].shape[-1]), int(pairs_test["clean"].shape[1])
-    checks = {"task_kind": task_kind, "image_size": size, "channels": channels}
-    teacher = teacher_from_checkpoint(teacher_checkpoint, use_ema=config.use_ema, device=device, **checks)
-    student = student_from_checkpoint(student_checkpoint, use_ema=config.use_ema, device=device, **checks)
-    student_nfe = resolve_student_nfe(config, student.nfe)
-    check_references(pairs_test, config, fid_reference, classifier)
-    subset = evaluated_subset(pairs_test, config)
-    labels = subset.get("labels")
-    if suite is None:
-        suite = MetricSuite.build(
-            config,
-            device=device,
-            fid_reference=fid_reference,
-            classifier=classifier,
-            labelled=labels is not None,
-            image_size=min(size, int(pairs_test["clean"].shape[-2])),
-            progress=progress,
-        )
-    clean, xT, mask = subset["clean"], subset["corrupted"], subset.get("mask")
-    n = int(clean.shape[0])
-    rows = min(config.grid_rows, n)
-    runs = teacher_runs(teacher, config.teacher_nfe, config.sampler) + student_runs(student, student_nfe)
-    logger.info(
-        "evaluating %s on %d test images (%s, %s): %s",
-        task_kind, n, dataset or "data", device_description(device), ", ".join(r.label for r in runs),
+    setup = prepare_evaluation(
+        pairs_test,
+        teacher_checkpoint,
+        student_checkpoint,
+        config,
+        fid_reference=fid_reference,
+        classifier=classifier,
+        device=device,
+        dataset=dataset,
+        progress=progress,
+        suite=suite,
     )
-
-    elapsed: dict[str, dict[str, float]] = {"restore": {}, "metrics": {}, "speed": {}}
+    if teacher_evaluation is not None:
+        measured, elapsed = _cached_teacher(setup, teacher_evaluation)
+        version = teacher_evaluation.get("catalog_version")
+    else:
+        measured, elapsed = _measure_teacher(setup, progress)
+        version = None
+    corrupted, teachers = measured[0], measured[1:]
+    reference = next((m for m in teachers if m.label == setup.closeness_label and m.draws is not None), None)
+    students, student_elapsed = score_students(setup, reference, progress)
     tick = time.perf_counter()
-    corrupted_scores = suite.score(xT, clean, labels)
-    elapsed["metrics"]["corrupted_input"] = time.perf_counter() - tick
-    classifier_facts = {
-        "ceiling": suite.accuracy(clean, labels),
-        "floor": corrupted_scores["ca"],
-        "reason": suite.reasons.get("ca"),
-        # the classifier's own accuracy on the whole clean test split (the subset's is "ceiling")
-        "clean_test_accuracy": (classifier or {}).get("clean_test_accuracy") if suite.classifier else None,
-    }
-
-    samples: dict[str, Tensor] = {"corrupted": xT[:rows], "clean": clean[:rows]}
-    if mask is not None:
-        samples["mask"] = mask[:rows]
-    records: list[dict[str, Any]] = []
-    speeds: dict[str, SamplingSpeed] = {}
-    for run in runs:
-        tick = time.perf_counter()
-        restored = restore_images(
-            run, xT, mask, batch_size=config.batch_size, seed=config.seed, device=device, progress=progress
-        )
-        elapsed["restore"][run.label] = time.perf_counter() - tick
-        samples[run.label] = restored[:rows]
-        tick = time.perf_counter()
-        scores = suite.score(restored, clean, labels)
-        elapsed["metrics"][run.label] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        logger.info("timing %s at batch %d", run.label, config.speed.batch_size)
-        speeds[run.label] = measure_speed(run, xT, mask, config, device)
-        elapsed["speed"][run.label] = time.perf_counter() - tick
-        record = {
-            "model": run.model,
-            "nfe": run.nfe,
-            **scores,
-            "sec_per_image": speeds[run.label].seconds_per_image,
-            "images_per_sec": speeds[run.label].images_per_second,
-            "seed": config.seed,
-        }
-        records.append(record)
-        logger.info("%s: %s", run.label, {k: record[k] for k in (*METRICS, "sec_per_image")})
-
-    teacher_speed = {r.nfe: speeds[r.label] for r in runs if r.model == "teacher"}
-    for record in records:
-        if record["model"] == "student":
-            own = speeds[f"student@{record['nfe']}"]
-            record["speedup_vs_teacher"] = {
-                str(nfe): speedup(baseline, own) for nfe, baseline in sorted(teacher_speed.items())
-            }
-
-    versions = {
-        "teacher": teacher.version,
-        "student": student.version,
-        "classifier": (classifier or {}).get("catalog_version"),
-        "teacher_of_student": student.config.get("teacher_version"),
-    }
-    notes = []
-    if versions["teacher_of_student"] is not None and teacher.version is not None and (
-        versions["teacher_of_student"] != teacher.version
-    ):
-        notes.append(
-            f"the student was distilled from teacher version {versions['teacher_of_student']}, "
-            f"the teacher evaluated here is version {teacher.version}"
-        )
-        logger.warning(notes[-1])
-    reference_weights = (fid_reference or {}).get("weights")
-    if suite.fid is not None and reference_weights not in (None, suite.fid.weights_source):
-        notes.append(
-            f"FID reference statistics were computed with {reference_weights}, "
-            f"the evaluation's Inception is {suite.fid.weights_source}"
-        )
-
-    report: dict[str, Any] = {
-        "records": records,
-        "task": task_kind,
-        "task_config": task,
-        "dataset": dataset,
-        "image_size": size,
-        "channels": channels,
-        "num_images": n,
-        "seed": config.seed,
-        "sampler": config.sampler,
-        "device": device_description(device),
-        "weights": suite.weights,
-        "checkpoints": versions,
-        "models": {
-            "teacher": {
-                "bridge": teacher.bridge.kind, "conditional": teacher.conditional, "use_ema": config.use_ema
-            },
-            "student": {
-                "trained_nfe": student.nfe, "noise": student.noise, "evaluated_nfe": list(student_nfe)
-            },
-        },
-        "classifier": classifier_facts,
-        "corrupted_input": corrupted_scores,
-        "reasons": {metric: suite.reasons[metric] for metric in METRICS if metric in suite.reasons},
-        "fid": {
-            "dims": config.fid.dims if suite.fid is not None else None,
-            "reference": config.fid.reference if suite.fid is not None else None,
-            "reference_images": int((fid_reference or {}).get("n", 0)) if suite.fid is not None else None,
-        },
-        "speed": {
-            "batch_size": config.speed.batch_size,
-            "repeats": config.speed.repeats,
-            "min_seconds": config.speed.min_seconds,
-            "warmup": config.speed.warmup,
-            "device": device_description(device),
-            "baseline": f"teacher@{_speed_baseline(config.teacher_nfe)}",
-            "seconds_per_batch": {label: list(s.seconds_per_batch) for label, s in speeds.items()},
-        },
-        "psnr_cap_db": PSNR_CAP_DB,
-        "notes": notes,
-        "elapsed_seconds": {**elapsed, "total": time.perf_counter() - started},
-        "config": config_to_dict(config),
-    }
+    timings = time_models(setup, setup.teacher_runs() + setup.student_runs())
+    elapsed_speed = time.perf_counter() - tick
+    scoring = Scoring(corrupted, teachers, students, timings, {**elapsed, **student_elapsed}, version)
+    report = build_report(setup, scoring, elapsed_speed, started)
+    samples = _samples(setup, scoring)
     report["grid_columns"] = [title for title, _ in grid_columns(report, samples)]
+    check_report(report)
     _check_json(report)
     return EvaluationResult(report=report, samples=samples)
+
+
+def _samples(setup: EvaluationSetup, scoring: Scoring) -> dict[str, Tensor]:
+    rows = min(setup.config.grid_rows, setup.data.count)
+    samples = {"corrupted": setup.data.corrupted[:rows], "clean": setup.data.clean[:rows]}
+    if setup.data.mask is not None:
+        samples["mask"] = setup.data.mask[:rows]
+    for measurement in scoring.models:
+        samples[measurement.label] = measurement.samples
+    return samples

@@ -8,6 +8,10 @@ deterministically from a seed, and then frozen. Two reference points frame every
 * the *ceiling*: accuracy on the clean test images (what a perfect restoration would get);
 * the *floor*: accuracy on the corrupted test images (what no restoration gets).
 
+Its penultimate layer (``embedding_dim`` features after the convolutions, the input of the last
+linear layer) also serves as a task-specific feature space for Fréchet distance and KID: far
+fewer dimensions than Inception's 2048, so a thousand test images estimate its statistics well.
+
 The checkpoint is a plain dict ``{"config", "model", "class_names", "clean_test_accuracy"}``
 (state_dict plus the config that built it), loadable with ``weights_only=True``.
 """
@@ -32,12 +36,15 @@ class ClassifierConfig:
     """Architecture and training of the CA classifier.
 
     ``channels``: output channels of the conv stages (each conv 3x3 + batch norm + ReLU +
-    2x2 max-pool); ``epochs``/``batch_size``/``lr``/``weight_decay``: AdamW with a one-cycle
-    learning rate (15% warm-up to ``lr``, then cosine decay); ``max_shift``: random translation
-    (pixels) used as augmentation; ``seed``: makes initialisation, shuffling and augmentation reproducible.
+    2x2 max-pool); ``embedding_dim``: width of the penultimate layer (linear + ReLU), whose
+    output are the classifier features; ``epochs``/``batch_size``/``lr``/``weight_decay``: AdamW
+    with a one-cycle learning rate (15% warm-up to ``lr``, then cosine decay); ``max_shift``:
+    random translation (pixels) used as augmentation; ``seed``: makes initialisation, shuffling
+    and augmentation reproducible.
     """
 
     channels: tuple[int, ...] = (32, 64, 64)
+    embedding_dim: int = 128
     epochs: int = 5
     batch_size: int = 128
     lr: float = 3e-3
@@ -49,6 +56,7 @@ class ClassifierConfig:
         prefix = f"{key}." if key else ""
         require(1 <= len(self.channels) <= 5, f"{prefix}channels", "expected 1 to 5 conv stages")
         require(all(c >= 1 for c in self.channels), f"{prefix}channels", "channel counts must be >= 1")
+        require(self.embedding_dim >= 1, f"{prefix}embedding_dim", f"must be >= 1, got {self.embedding_dim}")
         require(self.epochs >= 1, f"{prefix}epochs", f"must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, f"{prefix}batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.lr > 0, f"{prefix}lr", f"must be > 0, got {self.lr}")
@@ -61,10 +69,16 @@ class ClassifierConfig:
 _POOLED_SIZE = 4
 
 
-class SmallClassifier(nn.Module):
-    """Conv stages (3x3 conv, batch norm, ReLU, 2x2 max-pool) then one linear layer."""
+def min_image_size(config: ClassifierConfig) -> int:
+    """The smallest image side the classifier takes: each conv stage halves it (2x2 max-pool)."""
+    return 2 ** len(config.channels)
 
-    def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int]):
+
+class SmallClassifier(nn.Module):
+    """Conv stages (3x3 conv, batch norm, ReLU, 2x2 max-pool), a penultimate linear + ReLU layer
+    (the classifier features), then the linear head."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int], embedding_dim: int):
         super().__init__()
         layers: list[nn.Module] = []
         previous = in_channels
@@ -78,11 +92,16 @@ class SmallClassifier(nn.Module):
             previous = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(_POOLED_SIZE)
-        self.head = nn.Linear(previous * _POOLED_SIZE**2, num_classes)
+        self.embedding = nn.Sequential(nn.Linear(previous * _POOLED_SIZE**2, embedding_dim), nn.ReLU())
+        self.head = nn.Linear(embedding_dim, num_classes)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features ``(N, embedding_dim)`` for images in ``[-1, 1]``."""
+        return self.embedding(self.pool(self.features(images)).flatten(1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes)`` for images in ``[-1, 1]``."""
-        return self.head(self.pool(self.features(images)).flatten(1))
+        return self.head(self.embed(images))
 
 
 def _check_labelled(images: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> None:
@@ -138,7 +157,7 @@ def train_classifier(
     # Initialise from the seed without disturbing the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = SmallClassifier(images.shape[1], num_classes, config.channels)
+        model = SmallClassifier(images.shape[1], num_classes, config.channels, config.embedding_dim)
 
     images = images.float()
     labels = labels.long()
@@ -181,7 +200,8 @@ def load_classifier(checkpoint: Mapping[str, Any]) -> SmallClassifier:
     config = parse_config(ClassifierConfig, checkpoint["config"], "classifier")
     state = checkpoint["model"]
     in_channels = state["features.0.weight"].shape[1]
-    model = SmallClassifier(in_channels, len(checkpoint["class_names"]), config.channels)
+    num_classes = len(checkpoint["class_names"])
+    model = SmallClassifier(in_channels, num_classes, config.channels, config.embedding_dim)
     model.load_state_dict(state, strict=True)
     model.requires_grad_(False)
     return model.eval()
@@ -200,6 +220,27 @@ def _logits(
         for i in range(0, images.shape[0], batch_size)
     ]
     return torch.cat(chunks)
+
+
+@torch.inference_mode()
+def features_and_predictions(
+    model: SmallClassifier,
+    images: torch.Tensor,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features ``(N, embedding_dim)`` float32 and predicted classes ``(N,)`` int64,
+    on the CPU, of images in ``[-1, 1]``, from one forward pass."""
+    if images.shape[0] == 0:
+        raise ValueError("no images to classify")
+    device = torch.device(device)
+    model = model.to(device).eval()
+    features, predictions = [], []
+    for i in range(0, images.shape[0], batch_size):
+        embedded = model.embed(images[i : i + batch_size].to(device, torch.float32).clamp(-1, 1))
+        features.append(embedded.float().cpu())
+        predictions.append(model.head(embedded).argmax(1).cpu())
+    return torch.cat(features), torch.cat(predictions)
 
 
 def predict(

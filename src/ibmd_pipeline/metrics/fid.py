@@ -7,13 +7,19 @@ the mean and covariance of each image set, and
 
     FID = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})
 
-is computed by ``pytorch_fid.fid_score.calculate_frechet_distance``. With fewer images than
-feature dimensions the covariances are singular; pytorch-fid then adds a small offset to their
-diagonals. Such FIDs are biased upwards and only comparable at equal sample counts.
+When both sets' features are at hand (:meth:`FIDScorer.features`, a reference bundle with
+``features``) the trace of the square root is computed exactly, as the nuclear norm of the
+centred cross-feature product
+(:func:`~ibmd_pipeline.metrics.feature_distances.frechet_distance_from_features`); from
+statistics alone it is ``pytorch_fid.fid_score.calculate_frechet_distance``'s matrix square
+root, which with fewer images than feature dimensions (singular covariances) falls back to a
+small diagonal offset. Either way, FID is biased upwards at small sample counts, by an amount
+that depends on each model's own spread: compare FIDs at equal counts, with intervals.
 
 Cost: on a 2-core CPU the Inception forward at 299x299 is the slow part (0.15-0.3 s per
-image, batched under ``torch.inference_mode``) and the 2048x2048 matrix square root adds
-15-25 s per FID value; an H200 runs the forward at about 0.2 ms per image. On CUDA, PyTorch's
+image, batched under ``torch.inference_mode``); the 2048x2048 matrix square root adds 15-25 s
+per FID value, the exact form a fraction of a second for a few hundred images. An H200 runs
+the forward at about 0.2 ms per image. On CUDA, PyTorch's
 default TF32 convolutions move the features by up to ~1e-2 (FID by ~1e-3 on identical sets);
 negligible next to FID's sampling noise, but FIDs from different devices are not bit-equal.
 """
@@ -30,11 +36,13 @@ from torch import nn
 from torch.nn.functional import adaptive_avg_pool2d
 from tqdm.auto import tqdm
 
+from ibmd_pipeline.metrics.feature_distances import frechet_distance_from_features
 from ibmd_pipeline.metrics.image_quality import to_rgb, to_unit_range
-from ibmd_pipeline.metrics.weights import WeightsSource, build_fid_inception
+from ibmd_pipeline.metrics.weights import build_fid_inception
 
 FeatureStatistics = dict[str, Any]
-"""``{"mu": float64 (d,), "sigma": float64 (d, d), "n": int}``: a catalog-savable bundle."""
+"""``{"mu": float64 (d,), "sigma": float64 (d, d), "n": int}`` and, optionally, ``"features"``
+float32 (n, d): a catalog-savable bundle."""
 
 
 def inception_input(images: torch.Tensor) -> torch.Tensor:
@@ -146,15 +154,22 @@ def check_statistics(stats: Mapping[str, Any], dims: int | None = None) -> Featu
             f"FID statistics have mu {mu.shape} and sigma {sigma.shape}; expected ({dims or 'd'},) "
             f"and ({dims or 'd'}, {dims or 'd'})"
         )
-    return {"mu": mu, "sigma": sigma, "n": int(stats["n"])}
+    checked: FeatureStatistics = {"mu": mu, "sigma": sigma, "n": int(stats["n"])}
+    if stats.get("features") is not None:
+        features = np.asarray(_as_numpy(stats["features"]), np.float32)
+        if features.shape != (checked["n"], d):
+            expected = (checked["n"], d)
+            raise ValueError(f"FID reference features have shape {features.shape}, expected {expected}")
+        checked["features"] = features
+    return checked
 
 
 class FIDScorer:
-    """FID of image sets against cached reference statistics.
+    """FID of image sets against cached reference statistics (and features, when cached).
 
     Holds pytorch-fid's Inception (``dims`` = 2048 pool3 features by default; 64, 192 or 768
-    read earlier blocks) and, once set, the reference statistics. ``weights_source`` says which
-    weights file the network came from (see :mod:`ibmd_pipeline.metrics.weights`).
+    read earlier blocks) and, once set, the reference. ``weights_source`` says which weights
+    file the network came from (see :mod:`ibmd_pipeline.metrics.weights`).
     """
 
     def __init__(
@@ -164,7 +179,6 @@ class FIDScorer:
         progress: bool = False,
         dims: int = 2048,
         reference: Mapping[str, Any] | None = None,
-        weights: WeightsSource | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -172,20 +186,25 @@ class FIDScorer:
         self.batch_size = batch_size
         self.progress = progress
         self.dims = dims
-        model, self.weights_source = build_fid_inception(dims, weights)
+        model, self.weights_source = build_fid_inception(dims)
         self.model = model.to(self.device)
         self.reference: FeatureStatistics | None = None
         if reference is not None:
             self.set_reference(reference)
 
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        """Inception features ``(N, dims)`` float32 of ``[-1, 1]`` images."""
+        return inception_features(images, self.model, self.batch_size, self.device, self.progress)
+
     def statistics(self, images: torch.Tensor) -> FeatureStatistics:
         """``{"mu", "sigma", "n"}`` of ``[-1, 1]`` images (at least 2)."""
-        features = inception_features(images, self.model, self.batch_size, self.device, self.progress)
-        return statistics_from_features(features)
+        return statistics_from_features(self.features(images))
 
     def reference_statistics(self, images: torch.Tensor) -> FeatureStatistics:
-        """Compute the statistics of the reference (clean) images, keep them, and return them."""
-        self.reference = self.statistics(images)
+        """Compute the statistics and features of the reference (clean) images, keep them, and
+        return them."""
+        features = self.features(images)
+        self.reference = {**statistics_from_features(features), "features": features}
         return self.reference
 
     def set_reference(self, stats: Mapping[str, Any]) -> None:
@@ -193,8 +212,12 @@ class FIDScorer:
         self.reference = check_statistics(stats, self.dims)
 
     def score(self, images: torch.Tensor) -> float:
-        """FID of ``images`` against the reference statistics."""
+        """FID of ``images`` against the reference: the exact trace form when the reference has
+        its features, else pytorch-fid's from the statistics."""
         if self.reference is None:
             raise RuntimeError("no FID reference: call reference_statistics() or set_reference() first")
-        stats = self.statistics(images)
+        features = self.features(images)
+        if "features" in self.reference:
+            return frechet_distance_from_features(features, self.reference["features"])
+        stats = statistics_from_features(features)
         return frechet_distance(stats["mu"], stats["sigma"], self.reference["mu"], self.reference["sigma"])

@@ -1,20 +1,28 @@
-"""Wall-clock speed of a sampler: seconds per image and images per second at a fixed batch.
+"""Wall-clock speed of samplers: seconds per image and images per second at a fixed batch.
 
 IBMD's claim is fewer network evaluations at equal quality; the speed-up that matters to a user
 is wall-clock time. A sampling callable is timed at one batch size, after warm-up calls that are
 not counted (they pay for lazy initialisation, kernel selection and caches), several times, and
 the median is reported so a single disturbed repeat does not move the result. On CUDA the
 device is synchronised before and after each call, so asynchronous kernels are counted.
+
+:func:`time_round_robin` times several samplers *together*: one round times each of them once,
+in an order rotated from round to round, so a slow phase of a shared machine (another job, a
+throttled core) lands on every sampler alike instead of on whichever ran then. The thread
+count is fixed while timing. Each sampler reports the median and the interquartile range of
+its rounds; a speed-up is the ratio of two medians.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ibmd_pipeline.engine.devices import cpu_model
@@ -112,3 +120,82 @@ def speedup(baseline: SamplingSpeed | float, candidate: SamplingSpeed | float) -
     if base <= 0 or cand <= 0:
         raise ValueError(f"seconds per image must be positive, got {base} and {cand}")
     return base / cand
+
+
+@dataclass(frozen=True)
+class RoundRobinTiming:
+    """One sampler's rounds: ``seconds`` per call in each round (each measurement timed ``loops``
+    consecutive calls and divided by ``loops``)."""
+
+    seconds: tuple[float, ...]
+    loops: int
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.seconds))
+
+    @property
+    def iqr(self) -> float:
+        """Interquartile range (75th minus 25th percentile, linear interpolation)."""
+        low, high = np.percentile(self.seconds, [25.0, 75.0])
+        return float(high - low)
+
+
+def time_round_robin(
+    calls: Mapping[str, Callable[[], Any]],
+    *,
+    rounds: int,
+    warmup: int = 1,
+    min_seconds: float = 0.0,
+    threads: int | None = None,
+    device: str | torch.device = "cpu",
+    clock: Callable[[], float] = time.perf_counter,
+    max_loops: int = 1000,
+) -> dict[str, RoundRobinTiming]:
+    """Time every call of ``calls`` (label -> callable) interleaved: ``rounds`` rounds, each timing
+    every call once, the order rotated by one position per round.
+
+    First every call runs ``warmup`` times untimed. Then each call is timed once to choose its
+    ``loops``: the number of consecutive calls one measurement spans so that it lasts at least
+    ``min_seconds`` (at most ``max_loops``), which steadies millisecond-long one-step calls.
+    ``threads``: torch's CPU thread count while timing (restored afterwards); ``None`` keeps it.
+    ``clock`` returns seconds (tests pass a fake one).
+    """
+    if not calls or rounds < 1 or warmup < 0 or min_seconds < 0 or max_loops < 1:
+        raise ValueError(
+            "need at least one call, rounds >= 1, warmup >= 0, min_seconds >= 0 and max_loops >= 1; "
+            f"got {len(calls)}, {rounds}, {warmup}, {min_seconds}, {max_loops}"
+        )
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    device = torch.device(device)
+    labels = list(calls)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+
+        def measure(label: str, loops: int) -> float:
+            _synchronize(device)
+            start = clock()
+            for _ in range(loops):
+                calls[label]()
+            _synchronize(device)
+            return (clock() - start) / loops
+
+        for label in labels:
+            for _ in range(warmup):
+                calls[label]()
+        loops = {}
+        for label in labels:
+            once = measure(label, 1)
+            needed = math.ceil(min_seconds / once) if once > 0 else max_loops
+            loops[label] = min(max_loops, max(1, needed))
+        seconds: dict[str, list[float]] = {label: [] for label in labels}
+        for round_index in range(rounds):
+            shift = round_index % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                seconds[label].append(measure(label, loops[label]))
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {label: RoundRobinTiming(tuple(seconds[label]), loops[label]) for label in labels}

@@ -37,8 +37,9 @@ def make_corrupted_train(pairs_train: Bundle) -> Bundle:
 
 def make_degrade_grid(pairs: Bundle) -> Image.Image:
     """A preview: clean | corrupted (| mask) for the first few examples of ``pairs``."""
-    columns = [pairs["clean"], pairs["corrupted"]]
+    columns, titles = [pairs["clean"], pairs["corrupted"]], ["clean", "corrupted"]
     if "mask" in pairs:
         columns.append(mask_to_image(pairs["mask"]))
+        titles.append("mask (white: missing)")
     scale = max(1, GRID_MIN_TILE // int(pairs["clean"].shape[-1]))
-    return make_image_grid(columns, nrow=GRID_EXAMPLES, scale=scale)
+    return make_image_grid(columns, nrow=GRID_EXAMPLES, scale=scale, titles=titles)

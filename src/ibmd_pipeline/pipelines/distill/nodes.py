@@ -195,4 +195,5 @@ def make_distill_grid(
         teacher_many = sample(teacher.predictor, xT, teacher.schedule, many, mask=hole, generator=seeded())
     restored = student.sample(xT, mask=hole, generator=seeded())
     scale = max(1, GRID_MIN_TILE // size)
-    return make_image_grid([xT, teacher_one, restored, teacher_many], nrow=rows, scale=scale)
+    titles = ["corrupted", "teacher NFE 1", f"student NFE {student.nfe}", f"teacher NFE {many}"]
+    return make_image_grid([xT, teacher_one, restored, teacher_many], nrow=rows, scale=scale, titles=titles)

@@ -1,8 +1,9 @@
 """Nodes of the ``evaluate`` pipelines: parameters in; references, metrics, table, plot and grid out.
 
 ``evaluate_reference`` computes what does not depend on the models (the CA classifier and the
-FID reference statistics) once; ``evaluate_models`` loads the latest cached ones, checks that
-they belong to the test data, and scores the teacher and the student.
+Inception reference) once; ``evaluate_teacher`` measures the teacher, which does not change
+between students; ``evaluate_models`` loads the latest cached ones, checks that they belong to
+the test data, the teacher and the settings, and scores the student against them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ibmd_pipeline.engine.config import ConfigError, parse_config
 from ibmd_pipeline.engine.devices import configure_threads, select_device
 from ibmd_pipeline.evaluation import (
     compute_fid_reference,
+    evaluate_teacher,
     grid_columns,
     metrics_table,
     parse_evaluate_config,
@@ -71,10 +73,36 @@ def train_classifier_node(
     return train_reference_classifier(pairs_train, pairs_test, config, progress=True)
 
 
-def fid_reference_node(pairs_test: Bundle, evaluate: dict[str, Any], engine: dict[str, Any]) -> Bundle:
-    """FID reference statistics of the clean test images, with the fingerprint of those images."""
+def fid_reference_node(
+    pairs_test: Bundle, pairs_train: Bundle, evaluate: dict[str, Any], engine: dict[str, Any]
+) -> Bundle:
+    """Inception features of the reference's clean images (by default training images that no
+    model restores), with the fingerprints of those images and of the test split."""
     config = parse_evaluate_config(evaluate)
-    return compute_fid_reference(pairs_test, config, device=_engine_device(engine))
+    return compute_fid_reference(pairs_test, config, device=_engine_device(engine), pairs_train=pairs_train)
+
+
+def evaluate_teacher_node(
+    pairs_test: Bundle,
+    teacher_model: dict[str, Any],
+    classifier_model: dict[str, Any],
+    fid_reference_stats: Bundle,
+    evaluate: dict[str, Any],
+    task: dict[str, Any],
+    engine: dict[str, Any],
+) -> dict[str, Any]:
+    """The teacher (and the corrupted input) restored and measured at every NFE and seed, for
+    ``evaluate_models`` to reuse with every student of this teacher."""
+    config = parse_evaluate_config(evaluate)
+    _check_task(pairs_test, task)
+    return evaluate_teacher(
+        pairs_test,
+        teacher_model,
+        config,
+        fid_reference=fid_reference_stats,
+        classifier=classifier_model,
+        device=_engine_device(engine),
+    )
 
 
 def evaluate_models_node(
@@ -83,16 +111,18 @@ def evaluate_models_node(
     student_model: dict[str, Any],
     classifier_model: dict[str, Any],
     fid_reference_stats: Bundle,
+    teacher_evaluation: dict[str, Any],
     evaluate: dict[str, Any],
     data: dict[str, Any],
     task: dict[str, Any],
     engine: dict[str, Any],
 ) -> tuple[dict[str, Any], Image.Image]:
-    """Score teacher and student on the same test images and seeds; returns the metrics report
-    and the sample grid (corrupted | teacher NFE 1 | teacher best NFE | student | clean).
+    """Score the student against the cached teacher evaluation on the same test images and
+    seeds, and time every model together; returns the metrics report and the titled sample grid
+    (corrupted | teacher at each NFE | student at each NFE | clean).
 
-    Settings, checkpoints (task, image size, channels) and cached references are all checked
-    before any sampling starts.
+    Settings, checkpoints (task, image size, channels), the cached references and the cached
+    teacher evaluation are all checked before any sampling starts.
     """
     config = parse_evaluate_config(evaluate)
     _check_task(pairs_test, task)
@@ -106,19 +136,22 @@ def evaluate_models_node(
         classifier=classifier_model,
         device=device,
         dataset=_dataset_name(data),
+        teacher_evaluation=teacher_evaluation,
     )
     columns = grid_columns(result.report, result.samples)
     logger.info("evaluate_grid columns: %s", " | ".join(title for title, _ in columns))
     scale = max(1, GRID_MIN_TILE // int(pairs_test["clean"].shape[-1]))
-    grid = make_image_grid([images for _, images in columns], scale=scale)
+    grid = make_image_grid(
+        [images for _, images in columns], scale=scale, titles=[title for title, _ in columns]
+    )
     return result.report, grid
 
 
 def make_metrics_table(metrics: dict[str, Any]) -> str:
-    """The metrics as a markdown table in the paper's style."""
+    """The metrics as markdown tables with intervals and verdicts."""
     return metrics_table(metrics)
 
 
 def plot_metrics(metrics: dict[str, Any]) -> Figure:
-    """FID and CA against NFE, and FID against seconds per image."""
+    """FID, KID, classifier FD and CA against NFE, KID against PSNR and against seconds per image."""
     return plot_report(metrics)

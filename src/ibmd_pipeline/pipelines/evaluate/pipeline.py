@@ -1,18 +1,23 @@
-"""The ``evaluate`` pipelines: cached references, then teacher and student scored against them.
+"""The ``evaluate`` pipelines: cached references and the cached teacher evaluation, then the
+student scored against them.
 
-* ``evaluate_reference``: CA classifier (clean training split) and FID reference statistics
-  (clean test images), each stamped with a fingerprint of the test data.
-* ``evaluate_models``: the teacher at several NFE and the student on the same test images and
-  seeds -> ``metrics`` (JSON), ``metrics_table`` (markdown), ``evaluate_plot``, ``evaluate_grid``.
+* ``evaluate_reference``: CA classifier (clean training split) and the Inception reference
+  (clean images no model restores), each stamped with a fingerprint of the test data.
+* ``evaluate_teacher``: the teacher (and the corrupted input) restored and measured at every
+  NFE and seed -> ``teacher_evaluation``, keyed by the teacher's version and the settings.
+* ``evaluate_models``: the student on the same test images and seeds, every model timed
+  together -> ``metrics`` (JSON), ``metrics_table`` (markdown), ``evaluate_plot``, ``evaluate_grid``.
 
-``evaluate`` is both. After a new distillation, ``kedro run --pipelines=evaluate_models`` reuses
-the cached references (and stops, asking for ``evaluate_reference``, when they are stale).
+``evaluate`` is all three. After a new distillation from the same teacher,
+``kedro run --pipelines=evaluate_models`` reuses the cached references and teacher evaluation
+(and stops, asking for ``evaluate_reference`` or ``evaluate_teacher``, when they are stale).
 """
 
 from kedro.pipeline import Node, Pipeline
 
 from ibmd_pipeline.pipelines.evaluate.nodes import (
     evaluate_models_node,
+    evaluate_teacher_node,
     fid_reference_node,
     make_metrics_table,
     plot_metrics,
@@ -32,7 +37,7 @@ def create_reference_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 fid_reference_node,
-                inputs=["pairs_test", "params:evaluate", "params:engine"],
+                inputs=["pairs_test", "pairs_train", "params:evaluate", "params:engine"],
                 outputs="fid_reference_stats",
                 name="compute_fid_reference",
             ),
@@ -40,8 +45,30 @@ def create_reference_pipeline(**kwargs) -> Pipeline:
     )
 
 
+def create_teacher_pipeline(**kwargs) -> Pipeline:
+    """Build ``evaluate_teacher``: the teacher measured once for all its students."""
+    return Pipeline(
+        [
+            Node(
+                evaluate_teacher_node,
+                inputs=[
+                    "pairs_test",
+                    "teacher_model",
+                    "classifier_model",
+                    "fid_reference_stats",
+                    "params:evaluate",
+                    "params:task",
+                    "params:engine",
+                ],
+                outputs="teacher_evaluation",
+                name="evaluate_teacher",
+            ),
+        ]
+    )
+
+
 def create_models_pipeline(**kwargs) -> Pipeline:
-    """Build ``evaluate_models``: teacher and student against the cached references."""
+    """Build ``evaluate_models``: the student against the cached references and teacher evaluation."""
     return Pipeline(
         [
             Node(
@@ -52,6 +79,7 @@ def create_models_pipeline(**kwargs) -> Pipeline:
                     "student_model",
                     "classifier_model",
                     "fid_reference_stats",
+                    "teacher_evaluation",
                     "params:evaluate",
                     "params:data",
                     "params:task",
@@ -67,5 +95,5 @@ def create_models_pipeline(**kwargs) -> Pipeline:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Build ``evaluate``: ``evaluate_reference`` then ``evaluate_models``."""
-    return create_reference_pipeline() + create_models_pipeline()
+    """Build ``evaluate``: ``evaluate_reference``, ``evaluate_teacher``, then ``evaluate_models``."""
+    return create_reference_pipeline() + create_teacher_pipeline() + create_models_pipeline()

@@ -107,4 +107,5 @@ def make_teacher_grid(
         seed=seed,
         device=device,
     )
-    return make_image_grid(columns, scale=max(1, GRID_MIN_TILE // plan.image_size))
+    titles = ["corrupted", *(f"teacher NFE {nfe}" for nfe in config.sampler.grid_nfe), "clean"]
+    return make_image_grid(columns, scale=max(1, GRID_MIN_TILE // plan.image_size), titles=titles)
