@@ -30,7 +30,7 @@ def schedule(request):
 
 
 def snr_formula(alpha_t, sigma_t, alpha_T, sigma_T):
-    """Method doc section 1, written exactly as there (float64 numpy)."""
+    """IBMD sec. 2.3 (docs/method.md sec. 2), written exactly as there (float64 numpy)."""
     snr_t, snr_T = alpha_t**2 / sigma_t**2, alpha_T**2 / sigma_T**2
     a = alpha_t / alpha_T * snr_T / snr_t
     b = alpha_t * (1 - snr_T / snr_t)
@@ -39,7 +39,7 @@ def snr_formula(alpha_t, sigma_t, alpha_T, sigma_T):
 
 
 def reference_prior(schedule, t: np.ndarray):
-    """(alpha_t, sigma_t) from the method doc formulas, independently of the library (float64)."""
+    """(alpha_t, sigma_t) from docs/method.md sec. 2.1-2.2, independently of the library (float64)."""
     if isinstance(schedule, DDBMVPSchedule):
         growth = schedule.beta_min * t + 0.5 * schedule.beta_d * t**2
         alpha = np.exp(-0.5 * growth)

@@ -1,4 +1,4 @@
-"""IBMD losses: the loss identity of Thm 3.2/3.4 on Gaussian couplings, and where gradients go."""
+"""IBMD losses: the loss identity of IBMD Thm. 3.2/3.4 on Gaussian couplings, and where gradients go."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def conditional_mean_given_x_t(schedule, x_t, t):
 
 @pytest.mark.parametrize("conditional", [True, False], ids=["ddbm_conditional", "i2sb_unconditional"])
 def test_generator_loss_equals_the_distance_of_the_teacher_to_the_conditional_mean(conditional):
-    """With D_phi = E_{p_theta}[x0 | x_t] the loss is E lambda ||D* - E[x0|x_t]||^2 (method doc sec. 2)."""
+    """With D_phi = E_{p_theta}[x0 | x_t] the loss is E lambda ||D* - E[x0|x_t]||^2 (IBMD App. A)."""
     schedule = make_schedule(BridgeConfig(kind="ddbm_vp" if conditional else "i2sb"))
     generator = torch.Generator().manual_seed(0)
     n = 400_000

@@ -1,4 +1,4 @@
-"""Bridge matching: the teacher loss, also IBMD's auxiliary ("fake") loss (method doc sections 1, 3).
+"""Bridge matching: the teacher loss, also IBMD's auxiliary ("fake") loss (IBMD eq. (7), Alg. 1).
 
     min_phi  E_{(x0, xT), t, x_t ~ q(x_t | x0, xT)}  lambda(t) || x0_hat_phi(x_t, t [, xT]) - x0 ||^2
 
@@ -65,7 +65,7 @@ def bridge_matching_loss(
     generator: torch.Generator | None = None,
     reduction: Literal["mean", "none"] = "mean",
 ) -> Tensor:
-    """``lambda(t) || predictor(x_t, t, xT) - x0 ||^2`` on ``x_t ~ q(x_t | x0, xT)`` (method doc section 1).
+    """``lambda(t) || predictor(x_t, t, xT) - x0 ||^2`` on ``x_t ~ q(x_t | x0, xT)`` (IBMD eq. (7)).
 
     ``t`` defaults to ``schedule.sample_time`` and ``noise`` to standard normal draws, both from
     ``generator``. Returns the batch mean, or the ``(B,)`` per-sample losses for

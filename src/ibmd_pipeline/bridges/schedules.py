@@ -1,6 +1,6 @@
 """Diffusion-bridge schedules: the pure math of ``q(x_t | x0, xT)`` for I2SB and DDBM-VP teachers.
 
-Method doc, section 1. A linear prior ``dx = f(t) x dt + g(t) dw`` has ``q(x_t | x0) =
+IBMD sec. 2.3 (docs/method.md sec. 2). A linear prior ``dx = f(t) x dt + g(t) dw`` has ``q(x_t | x0) =
 N(alpha_t x0, sigma_t^2 I)``; pinning it at ``x_T = xT`` gives the bridge marginal
 
     q(x_t | x0, xT) = N(a_t xT + b_t x0, c_t^2 I)
@@ -164,7 +164,7 @@ class BridgeSchedule(ABC):
 
     Subclasses provide ``_alpha_rho2(t)`` (float64 ``alpha_t``, ``rho_t^2 = sigma_t^2/alpha_t^2``,
     ``rho_T^2 - rho_t^2``), the training time distribution, the sampling grid and the network
-    preconditioning; everything else is the general formula of the method doc, section 1.
+    preconditioning; everything else is the general formula of docs/method.md sec. 2.
     """
 
     T: float = 1.0
@@ -206,7 +206,7 @@ class BridgeSchedule(ABC):
     def coefficients(self, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """``(a_t, b_t, c_t)`` of the bridge marginal ``x_t = a_t xT + b_t x0 + c_t eps``.
 
-        Method doc section 1, with ``SNR_T / SNR_t = rho_t^2 / rho_T^2`` and
+        IBMD sec. 2.3 (docs/method.md sec. 2), with ``SNR_T / SNR_t = rho_t^2 / rho_T^2`` and
         ``1 - SNR_T / SNR_t = rhobar_t^2 / rho_T^2``. ``rho_T^2`` is summed at ``t`` as
         ``rho_t^2 + rhobar_t^2``, so ``a_t`` and ``b_t`` share one denominator: for I2SB
         (``alpha = 1``) this is its Gaussian product, operation for operation,
@@ -248,7 +248,7 @@ class BridgeSchedule(ABC):
     # -- the reverse step --------------------------------------------------------------------
 
     def posterior_coefficients(self, t: Tensor | float, s: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
-        """``(coef_x0, coef_xt, std)`` of ``q(x_s | x_t, x0)`` for ``s < t`` (method doc section 1).
+        """``(coef_x0, coef_xt, std)`` of ``q(x_s | x_t, x0)`` for ``s < t`` (docs/method.md sec. 2).
 
         mean = alpha_s sigma_{t|s}^2 / sigma_t^2 x0 + alpha_{t|s} sigma_s^2 / sigma_t^2 x_t,
         var = sigma_s^2 sigma_{t|s}^2 / sigma_t^2, with sigma_{t|s}^2 = alpha_t^2 (rho_t^2 - rho_s^2).
@@ -337,7 +337,7 @@ def i2sb_betas(beta_max: float, n_timesteps: int) -> Tensor:
     """I2SB's symmetric per-step betas (float64, ``(n_timesteps,)``).
 
     ``linspace(sqrt(1e-4), sqrt(beta_max / n), n)^2``, its first half, then that half mirrored:
-    small at both ends of the bridge (method doc section 1).
+    small at both ends of the bridge (docs/method.md sec. 2.1).
     """
     ramp = torch.linspace(1e-4**0.5, (beta_max / n_timesteps) ** 0.5, n_timesteps, dtype=torch.float64) ** 2
     half = ramp[: n_timesteps // 2]
@@ -517,7 +517,7 @@ class DDBMVPSchedule(BridgeSchedule):
     """DDBM bridge over the VP prior ``beta(t) = beta_min + beta_d t``, ``t in [t_min, 1]``.
 
     ``alpha_t = exp(-0.5 beta_min t - 0.25 beta_d t^2)``,
-    ``rho_t^2 = sigma_t^2 / alpha_t^2 = exp(beta_min t + 0.5 beta_d t^2) - 1`` (method doc section 1).
+    ``rho_t^2 = sigma_t^2 / alpha_t^2 = exp(beta_min t + 0.5 beta_d t^2) - 1`` (docs/method.md sec. 2.2).
     """
 
     def __init__(

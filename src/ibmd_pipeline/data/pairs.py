@@ -3,7 +3,7 @@
 A pair bundle is ``{"clean": x0, "corrupted": xT, "mask"?: (N,1,H,W) 1 = missing, "labels"?:
 int64 (N,), "task": dict, "class_names": list, "image_size": int, "channels": int,
 "split": str}``. The corrupted-only bundle used for distillation drops ``clean``, ``labels``
-and ``class_names``: IBMD needs nothing but corrupted images (method doc, section 2).
+and ``class_names``: IBMD needs nothing but corrupted images (docs/method.md sec. 4.1; IBMD sec. 3.1).
 """
 
 from __future__ import annotations

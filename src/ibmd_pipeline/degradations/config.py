@@ -25,7 +25,7 @@ I2SB_OPERATOR_TASKS: tuple[str, ...] = ("sr4x_pool", "sr4x_bicubic", "jpeg", "in
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """The degradation of the paper's tasks (method doc, end of section 5).
+    """The degradation of the paper's tasks (docs/method.md sec. 5-6).
 
     kind:
         ``sr4x_pool``: 4x4 average pooling, then nearest upsampling back to full size.

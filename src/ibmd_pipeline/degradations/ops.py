@@ -104,7 +104,7 @@ def center_mask(
 def inpaint_center(
     x: torch.Tensor, generator: torch.Generator | None = None, operators: str = "project"
 ) -> Degraded:
-    """Remove the central square and fill it with N(0, 1) noise (method doc, section 1).
+    """Remove the central square and fill it with N(0, 1) noise (docs/method.md sec. 3).
 
     The noise makes xT a sample rather than a constant inside the hole, which is what an I2SB
     bridge expects at t = T; the returned ``mask`` tells losses and samplers where it is.

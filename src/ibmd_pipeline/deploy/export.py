@@ -7,10 +7,10 @@ student trained with N steps may run fewer, ``distill.generator``) and each step
 the grid ``t_k = schedule.grid(M)[k]``:
 
 - the preconditioning ``(c_skip, c_out, c_in)`` of ``x0_hat = c_skip x_t + c_out
-  F(c_in x_t [, xT], z; c_noise)`` (method doc section 1) and the network's time embedding of
+  F(c_in x_t [, xT], z; c_noise)`` (docs/method.md sec. 2.1-2.2) and the network's time embedding of
   ``c_noise``;
 - the bridge-posterior step ``x_{t_{k+1}} = coef_x0 x0_hat + coef_xt x_t + std eps``
-  (method doc section 1, the ancestral step of section 4's multi-step students).
+  (docs/method.md sec. 2, as the multi-step students of sec. 4.4 take it; IBMD sec. 3.5).
 
 What remains is the UNet after its time embedding (``UNet.forward_from_embedding``) chained by
 the library's posterior chain (``bridges.samplers.posterior_chain``), the loop the eager

@@ -1,6 +1,6 @@
 """Inverse Bridge Matching Distillation: generators, the L:K training loop, student checkpoints.
 
-Method doc sections 2-4. ``distill_student`` trains a student from corrupted images and a
+IBMD sec. 3 (docs/method.md sec. 4). ``distill_student`` trains a student from corrupted images and a
 teacher checkpoint; ``student_from_checkpoint`` rebuilds it for sampling.
 """
 

@@ -86,7 +86,7 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """One IBMD distillation (method doc sections 2-4).
+    """One IBMD distillation (docs/method.md sec. 4; IBMD sec. 3, Alg. 1).
 
     aux_steps: auxiliary ("fake") model updates L per generator update; null = the paper's
         L:K = 5:1, or 1:1 for a conditional (DDBM) teacher on inpainting.
@@ -195,7 +195,7 @@ class ResolvedDistill:
 
 
 def paper_learning_rate(bridge_kind: str, inpainting: bool) -> float:
-    """The paper's generator learning rate (method doc section 5): 5e-5 I2SB, 1e-5 DDBM,
+    """The paper's generator learning rate (IBMD App. B, Table 7): 5e-5 I2SB, 1e-5 DDBM,
     3e-6 DDBM inpainting."""
     if bridge_kind == "i2sb":
         return 5e-5

@@ -1,6 +1,6 @@
 """IBMD students: generators ``x0 = G_theta(xT, z)`` built from a teacher bridge model.
 
-Method doc sections 3-4. A generator is a copy of the teacher's x0-predictor (same UNet,
+IBMD sec. 3.5 (docs/method.md sec. 4.3-4.4). A generator is a copy of the teacher's x0-predictor (same UNet,
 same schedule preconditioning and output head, same conditioning on xT), with the noise z
 (shaped like xT) fed through ``UNet.add_input_channels``: the new input weights are zero, so
 at initialisation the generator *is* the teacher.
@@ -14,7 +14,7 @@ at initialisation the generator *is* the teacher.
   ``x_{t_{n-1}} ~ q(x_{t_{n-1}} | x_{t_n}, x0 = x0_hat)`` (``schedule.posterior_step``), in
   the teacher sampler's own loop (``bridges.samplers.posterior_chain``); the last transition
   lands on the clean end, where the posterior is the point mass at ``x0_hat``: no noise there
-  (nor anywhere for an OT-ODE schedule). The same z is used at every step (the doc's
+  (nor anywhere for an OT-ODE schedule). The same z is used at every step (IBMD sec. 3.5's
   ``G(x_{t_n}, z, t_n)``); the posterior steps draw their own noise. At initialisation an
   N-step generator is the teacher's N-step ancestral sampler.
 - Fewer steps at inference: a generator trained with N steps may run ``M < N`` steps on
@@ -26,7 +26,7 @@ at initialisation the generator *is* the teacher.
   prediction are copied from xT, so the output's known region equals xT. With ``noise=False``
   (I2SB inpainting, OT-ODE) the generator has no z: its randomness is the noise in xT's hole.
 
-Training (method doc section 4) forms a multi-step generator's x0 in one of two ways, both
+Training (IBMD App. B.1, B.2) forms a multi-step generator's x0 in one of two ways, both
 through :meth:`BridgeGenerator.forward`: ``chain`` (the whole N-step chain, with gradients
 through every evaluation and posterior step) or ``rollout`` (``rollout_to=k``: the first
 ``k - 1`` evaluations and steps run without gradients from T down to ``t_n``, ``n = N - k + 1``,

@@ -1,4 +1,4 @@
-"""The two IBMD losses (method doc sections 2-3).
+"""The two IBMD losses (IBMD Thm. 3.2, Prop. 3.3, Thm. 3.4; docs/method.md sec. 4.2).
 
 With a frozen teacher ``D*``, an auxiliary ("fake") bridge model ``D_phi`` and a generator
 ``x0 = G_theta(xT, z)``, ``x_t = a_t xT + b_t x0 + c_t eps`` on the generator's coupling:
@@ -7,7 +7,7 @@ With a frozen teacher ``D*``, an auxiliary ("fake") bridge model ``D_phi`` and a
     generator (step theta): E lambda(t) ( || D*(x_t, t [,xT]) - x0 ||^2 - || D_phi(x_t, t [,xT]) - x0 ||^2 )
 
 The inner minimiser of the auxiliary loss is ``E_{p_theta}[x0 | x_t]``, so at the optimum the
-generator loss equals ``E lambda || D* - E_{p_theta}[x0 | x_t] ||^2 >= 0`` (Thm 3.2 / 3.4), zero
+generator loss equals ``E lambda || D* - E_{p_theta}[x0 | x_t] ||^2 >= 0`` (IBMD Thm. 3.2 / 3.4), zero
 exactly when the generator's bridge model is the teacher's.
 
 Gradients of the generator loss flow into ``x0`` directly and through ``x_t`` into both
@@ -109,7 +109,7 @@ def ibmd_generator_loss(
 
     ``x0`` is the generator's output with its graph; ``x_t = a xT + b x0 + c eps`` keeps it, so
     the gradient w.r.t. theta has the direct term and the terms through ``x_t`` into both
-    predictors (method doc section 3). Predictor parameters get no gradient (module docstring).
+    predictors (docs/method.md sec. 4.2). Predictor parameters get no gradient (module docstring).
     Errors are per-pixel means, over the hole only when ``mask`` is given. With
     ``return_terms`` also returns the detached batch means ``{"teacher": ..., "fake": ...}`` of
     the two weighted errors (their difference is the loss).

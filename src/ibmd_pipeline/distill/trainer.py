@@ -1,4 +1,4 @@
-"""The IBMD training loop: L auxiliary updates per generator update (method doc section 3).
+"""The IBMD training loop: L auxiliary updates per generator update (IBMD Alg. 1; docs/method.md sec. 4.3).
 
 Networks: the frozen teacher ``D*``, the auxiliary ("fake") bridge model ``D_phi`` and the
 generator ``G_theta`` (:class:`~ibmd_pipeline.distill.generator.BridgeGenerator`), both
@@ -260,7 +260,7 @@ class DistillRun:
         return loss.detach(), terms
 
     def step(self, state: TrainingState, step: int) -> dict[str, float]:
-        """One generator update preceded by its L auxiliary updates (method doc section 3)."""
+        """One generator update preceded by its L auxiliary updates (IBMD Alg. 1)."""
         aux_losses = [self.aux_update(state, step, j) for j in range(self.resolved.aux_steps)]
         loss, terms = self.generator_update(state, step)
         return {

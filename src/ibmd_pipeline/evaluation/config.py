@@ -206,7 +206,7 @@ class EvaluateConfig:
     teacher_max_images: NFE -> the most images the teacher restores at that NFE (e.g.
         ``{999: 100}``: a 999-step chain on a CPU); comparisons then use those first images.
     student_nfe: NFE of the student; null = every one of 1, 2, 4 up to the steps N it was
-        trained with (a student trained with N steps may run fewer, method doc section 4).
+        trained with (a student trained with N steps may run fewer, docs/method.md sec. 4.4).
     sampler: the teacher's sampler, ``ancestral`` (bridge posterior, I2SB) or ``deterministic``
         (DDIM/DBIM): its runs are ``teacher@<nfe>``. The student always runs its own chain.
     teacher_modes: further teacher samplers, each run at every ``teacher_nfe`` as its own rows

@@ -2,7 +2,7 @@
 
     x0_hat = c_skip(t) x_t + c_out(t) F(cat[c_in(t) x_t, xT (conditional), extra], c_noise(t))
 
-(method doc section 1; EDM-style preconditioning). The raw network is any module called as
+(docs/method.md sec. 2.1-2.2; EDM-style preconditioning). The raw network is any module called as
 ``net(x, noise_level)`` with ``x`` (B, C_in, H, W) and ``noise_level`` (B,), returning an image
 with the channels of ``x_t``. Conditional (DDBM) networks also see ``xT``, concatenated unscaled as
 DDBM does; ``extra`` holds additional input channels such as a generator's noise ``z``.

@@ -510,7 +510,7 @@ class UNet(nn.Module):
         """Append ``n`` zero-initialised input channels to the first convolution, in place.
 
         The new channels' weights are zero, so the output is unchanged whatever they carry
-        until training moves those weights (method doc section 3: the generator's noise z
+        until training moves those weights (docs/method.md sec. 4.3, IBMD App. B: the generator's noise z
         enters this way, so at initialisation the generator equals the teacher). Build
         optimizers and EMAs after calling this: the first conv's weight is a new Parameter.
         """

@@ -1,6 +1,6 @@
 """Restoring images with a trained teacher, and the columns of its sample grid.
 
-Sampling is ``bridges.samplers.sample`` (method doc section 1) run in chunks, on the device,
+Sampling is ``bridges.samplers.sample`` (docs/method.md sec. 3) run in chunks, on the device,
 from a seeded generator; for inpainting the known pixels are reset from ``xT`` at every step.
 """
 

@@ -1,4 +1,4 @@
-"""Training a diffusion-bridge teacher with the bridge-matching loss (method doc, section 1).
+"""Training a diffusion-bridge teacher with the bridge-matching loss (IBMD eq. (7); docs/method.md sec. 3).
 
     min_phi  E_{(x0, xT), t, x_t ~ q(x_t | x0, xT)}  lambda(t) || x0_hat_phi(x_t, t [, xT]) - x0 ||^2
 

@@ -1,7 +1,7 @@
 """The ``distill`` pipeline: corrupted training images + teacher -> student, curves and a preview.
 
 Its free inputs are ``corrupted_train`` (no clean images), ``teacher_model`` and parameters:
-IBMD never sees a clean image (method doc section 2).
+IBMD never sees a clean image (docs/method.md sec. 4.1; IBMD sec. 3.1).
 """
 
 from kedro.pipeline import Node, Pipeline
