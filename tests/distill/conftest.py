@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 import torch
+from teacher_checkpoints import tiny_teacher_checkpoint
 
 from ibmd_pipeline.degradations.ops import inpaint_center
-
-from teacher_checkpoints import tiny_teacher_checkpoint
 
 IMAGE_SIZE = 16
 

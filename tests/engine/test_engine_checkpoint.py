@@ -91,5 +91,7 @@ def test_no_overwrite_write_refuses_an_existing_file(tmp_path: Path):
         atomic_write(path, lambda handle: torch.save(payload(2.0), handle), overwrite=False)
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
-    fresh = atomic_write(tmp_path / "new.pt", lambda handle: torch.save(payload(3.0), handle), overwrite=False)
+    fresh = atomic_write(
+        tmp_path / "new.pt", lambda handle: torch.save(payload(3.0), handle), overwrite=False
+    )
     assert torch.equal(load_checkpoint(fresh)["model"]["w"], torch.full((3,), 3.0))

@@ -6,7 +6,6 @@ in for it (unless the ``teacher`` pipeline is registered, then the end-to-end te
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -14,6 +13,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from matplotlib.figure import Figure
 from PIL import Image
+from teacher_checkpoints import tiny_teacher_checkpoint
 
 from ibmd_pipeline.degradations.config import TaskConfig
 from ibmd_pipeline.distill.student import student_from_checkpoint
@@ -27,8 +27,6 @@ from ibmd_pipeline.pipelines.distill.nodes import distill_node, make_distill_gri
 from ibmd_pipeline.teacher.model import (
     CheckpointMismatchError,
 )
-
-from teacher_checkpoints import tiny_teacher_checkpoint
 
 SIZE = 16
 DISTILL = {

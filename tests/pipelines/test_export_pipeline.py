@@ -19,6 +19,7 @@ from kedro.framework.startup import bootstrap_project
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.io.core import DatasetError, Version
 from kedro.runner import SequentialRunner
+from teacher_checkpoints import tiny_teacher_checkpoint
 
 from ibmd_pipeline.degradations.ops import inpaint_center
 from ibmd_pipeline.deploy.export import ExportedStudent, eager_restore, example_inputs
@@ -31,8 +32,6 @@ from ibmd_pipeline.pipeline_registry import register_pipelines
 from ibmd_pipeline.pipelines.export import create_onnx_pipeline, create_pipeline
 from ibmd_pipeline.pipelines.export.nodes import export_student
 from ibmd_pipeline.settings import CONFIG_LOADER_ARGS
-
-from teacher_checkpoints import tiny_teacher_checkpoint
 
 SIZE = 16
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

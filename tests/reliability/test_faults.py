@@ -88,7 +88,8 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path: Path, 
 
     (run_folder,) = tmp_path.glob("run-*")  # one working folder per configuration
     working = load_checkpoint(run_folder / "last.pt")
-    assert working["step"] == POISONED_STEP - POISONED_STEP % CHECKPOINT_EVERY  # 4: the last one before the fault
+    # 4: the last one before the fault
+    assert working["step"] == POISONED_STEP - POISONED_STEP % CHECKPOINT_EVERY
     for weights in list(working["models"].values()) + [e["shadow"] for e in working["ema"].values()]:
         assert all(torch.isfinite(value).all() for value in weights.values())
 

@@ -62,7 +62,8 @@ def _kill_after_checkpoint(kind: str, workdir: Path, out: Path) -> tuple[int, in
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while time.monotonic() < deadline:
-            assert process.poll() is None, f"child ended before it was killed: {process.stderr.read()[-3000:]}"
+            ended = process.poll() is not None
+            assert not ended, f"child ended before it was killed: {process.stderr.read()[-3000:]}"
             path = _working_checkpoint(workdir)
             if path is not None and len(_steps(out)) >= CHECKPOINT_EVERY + 2:
                 break

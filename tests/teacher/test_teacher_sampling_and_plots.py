@@ -69,7 +69,7 @@ def test_grid_columns_are_corrupted_restored_clean_and_reproducible(sr_teacher, 
     assert len(columns) == 5 and all(c.shape == (3, 1, 16, 16) for c in columns)
     assert torch.equal(columns[0], val["corrupted"][:3]) and torch.equal(columns[-1], val["clean"][:3])
     again = columns_for((1, 4, 9), seed=5)
-    assert all(torch.equal(a, b) for a, b in zip(columns, again))
+    assert all(torch.equal(a, b) for a, b in zip(columns, again, strict=True))
     other_seed = columns_for((4,), seed=6)
     assert not torch.equal(other_seed[1], columns[2])  # the ancestral sampler draws noise
 

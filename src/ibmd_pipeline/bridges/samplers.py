@@ -1,11 +1,11 @@
 """Bridge samplers: from the corrupted image ``xT`` at ``t = T`` to a clean ``x0``.
 
 :func:`posterior_chain` is the one loop that alternates x0-predictions and bridge steps: the
-teacher sampler :func:`sample` (docs/method.md sec. 3, "Sampling"), the multi-step IBMD generator
-(``distill.generator``, docs/method.md sec. 4.4; IBMD sec. 3.5) and the exported student graph (``deploy.export``)
-all run it. On the grid ``T = t_N > ... > t_1 > t_0 = t_min`` of ``schedule.grid(nfe)`` the
-network is evaluated at ``t_N .. t_1`` (``nfe`` evaluations) and the state moves
-``t_n -> t_{n-1}`` between them:
+teacher sampler :func:`sample` (docs/method.md sec. 3, "Sampling"), the multi-step IBMD
+generator (``distill.generator``, docs/method.md sec. 4.4; IBMD sec. 3.5) and the exported
+student graph (``deploy.export``) all run it. On the grid ``T = t_N > ... > t_1 > t_0 = t_min``
+of ``schedule.grid(nfe)`` the network is evaluated at ``t_N .. t_1`` (``nfe`` evaluations) and
+the state moves ``t_n -> t_{n-1}`` between them:
 
 - ``"ancestral"``: ``x_s ~ q(x_s | x_t, x0 = x0_hat)`` (``schedule.posterior_step``, I2SB's
   ``p_posterior``); a deterministic (OT-ODE) schedule takes the posterior mean.

@@ -50,7 +50,7 @@ def _mean_rms_distance(a: Tensor, b: Tensor, skip_diagonal: bool) -> Tensor:
     """``(N,)`` mean over draw pairs of the per-pixel RMS distance; ``a``, ``b`` are ``(m, N, D)``."""
     # (N, m, m) pairwise distances per image
     distances = torch.cdist(a.transpose(0, 1), b.transpose(0, 1)) / a.shape[-1] ** 0.5
-    m_a, m_b = a.shape[0], b.shape[0]
+    m_a = a.shape[0]
     if skip_diagonal:
         return distances.sum(dim=(1, 2)) / (m_a * (m_a - 1))  # the diagonal is zero
     return distances.mean(dim=(1, 2))

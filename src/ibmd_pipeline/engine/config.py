@@ -79,7 +79,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         elif origin is tuple and args:
             if len(value) != len(args):
                 raise ConfigError(key, f"expected {len(args)} items, got {len(value)}")
-            items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
         elif origin is list and args:
             items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
         else:

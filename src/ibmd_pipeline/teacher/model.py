@@ -62,7 +62,9 @@ class NetworkConfig:
     use_checkpoint: bool | None = None
 
     def build(self, *, image_size: int, in_channels: int, out_channels: int, key: str) -> UNetConfig:
-        base = unet_preset(self.preset, image_size=image_size, in_channels=in_channels, out_channels=out_channels)
+        base = unet_preset(
+            self.preset, image_size=image_size, in_channels=in_channels, out_channels=out_channels
+        )
         overrides = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
@@ -94,7 +96,9 @@ class TeacherModelConfig:
     def validate(self, key: str) -> None:
         prefix = f"{key}." if key else ""
         if self.beta_max is not None:
-            require(0.0 < self.beta_max <= 10.0, f"{prefix}beta_max", f"must be in (0, 10], got {self.beta_max}")
+            require(
+                0.0 < self.beta_max <= 10.0, f"{prefix}beta_max", f"must be in (0, 10], got {self.beta_max}"
+            )
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,12 @@ class LoadedTeacher:
 
 
 def check_checkpoint_matches(
-    config: Mapping[str, Any], *, what: str, task_kind: str | None, image_size: int | None, channels: int | None
+    config: Mapping[str, Any],
+    *,
+    what: str,
+    task_kind: str | None,
+    image_size: int | None,
+    channels: int | None,
 ) -> None:
     """Raise :class:`CheckpointMismatchError` when a checkpoint's config does not fit the data."""
     problems = []
@@ -191,7 +200,9 @@ def teacher_from_checkpoint(
             f"expected a teacher checkpoint, got kind {checkpoint.get('kind')!r}"
         )
     config = dict(checkpoint["config"])
-    check_checkpoint_matches(config, what="teacher", task_kind=task_kind, image_size=image_size, channels=channels)
+    check_checkpoint_matches(
+        config, what="teacher", task_kind=task_kind, image_size=image_size, channels=channels
+    )
     bridge = parse_config(BridgeConfig, config["bridge"], "teacher checkpoint config.bridge")
     unet_config = parse_config(UNetConfig, config["unet"], "teacher checkpoint config.unet")
     schedule = make_schedule(bridge)
@@ -200,7 +211,9 @@ def teacher_from_checkpoint(
     try:
         predictor.net.load_state_dict(weights)
     except StateDictMismatchError as err:  # weights of another network than the config describes
-        raise CheckpointMismatchError(f"the teacher checkpoint's weights do not fit its network: {err}") from err
+        raise CheckpointMismatchError(
+            f"the teacher checkpoint's weights do not fit its network: {err}"
+        ) from err
     predictor.to(device).eval()
     predictor.requires_grad_(False)
     return LoadedTeacher(

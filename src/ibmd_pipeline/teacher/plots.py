@@ -37,11 +37,11 @@ def plot_loss_curves(
     figure = Figure(figsize=(6.4, 4.0), layout="constrained")
     axes = figure.add_subplot()
     if train:
-        steps, losses = zip(*train)
+        steps, losses = zip(*train, strict=True)
         axes.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1.0)
         axes.plot(steps, smooth(losses, smoothing), color="tab:blue", label="train loss (smoothed)")
     if val:
-        steps, losses = zip(*val)
+        steps, losses = zip(*val, strict=True)
         axes.plot(steps, losses, "o-", color="tab:orange", markersize=4, label="val loss (EMA weights)")
     if train or val:
         axes.set_yscale("log")
