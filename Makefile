@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export KEDRO_DISABLE_TELEMETRY := true
 
-.PHONY: setup run test viz test-airflow airflow-check dags bench clean-test
+.PHONY: setup run test viz test-airflow test-storage airflow-check dags bench clean-test
 
 setup: $(STAMP)
 
@@ -30,6 +30,20 @@ viz: setup
 
 test-airflow: setup
 	$(BIN)/python -m pytest -m airflow -p no:cacheprovider tests/integration
+
+# The catalog on a real S3 server (moto) through s3fs, in .storage-venv/: an environment layered
+# over .venv (it sees .venv's packages, its own come first), because botocore pins
+# python-dateutil<3 (requirements-storage.txt). `make test` runs the same tests on memory:// only.
+STORAGE_VENV := .storage-venv
+$(STORAGE_VENV)/.installed: $(STAMP) requirements-storage.txt
+	test -x $(STORAGE_VENV)/bin/python || $(BIN)/python -m venv $(STORAGE_VENV)
+	echo "import site; site.addsitedir('$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+		> "$$($(STORAGE_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_project_venv.pth"
+	$(STORAGE_VENV)/bin/python -m pip install --quiet --no-deps --ignore-installed -r requirements-storage.txt
+	touch $@
+
+test-storage: $(STORAGE_VENV)/.installed
+	$(STORAGE_VENV)/bin/python -m pytest -p no:cacheprovider tests/io tests/reliability/test_storage_faults.py
 
 airflow-check: setup
 	$(BIN)/python scripts/airflow_check.py

@@ -75,7 +75,8 @@ def read_bundle(path: Path | str | IO[bytes], **storage_options: Any) -> dict[st
 
     ``path`` is a local path, a URL or an open binary file. Raises ``FileNotFoundError`` for a missing local file,
     ``engine.storage.StorageError`` for a fault of a remote store (a missing object included), and
-    ``OSError``, ``ValueError`` or ``EOFError`` for a file that is not a readable bundle.
+    ``OSError``, ``ValueError``, ``EOFError`` or ``zipfile.BadZipFile`` for a file that is not a
+    readable bundle.
     """
     if hasattr(path, "read"):
         source: Path | IO[bytes] = path

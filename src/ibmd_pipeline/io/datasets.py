@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zipfile
 from collections.abc import Callable, Iterator
 from copy import deepcopy
 from pathlib import Path, PurePosixPath
@@ -111,7 +112,12 @@ class VersionedFileDataset(AbstractVersionedDataset):
         # Another process may have added a version since this filesystem listed the folder.
         self._fs.invalidate_cache(str(self._filepath))
         with storage_errors(self._url(self._filepath), "list the versions of"):
-            return self._fs.glob(pattern)
+            found = self._fs.glob(pattern)
+            if not found:  # an object store lists nothing in a bucket that is not there: say so
+                container = str(self._filepath).lstrip("/").split("/", 1)[0]
+                if not self._fs.exists(container):
+                    raise FileNotFoundError(f"'{self._fs.unstrip_protocol(container)}' does not exist")
+            return found
 
     @contextlib.contextmanager
     def _store_faults(self) -> Iterator[None]:
@@ -193,7 +199,7 @@ class TensorBundleDataset(VersionedFileDataset):
         def read(name: str) -> dict[str, Any]:
             try:
                 return read_bundle(name, **self._storage_options)
-            except (OSError, ValueError, EOFError) as err:
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
                 raise DatasetError(f"cannot read tensor bundle '{name}': {err}") from err
 
         return self._load_file(read)
