@@ -246,3 +246,68 @@ def test_a_corrupt_bundle_names_the_object(store: Store, content: bytes):
             filepath=store.url("pairs.npz"), version=Version(None, None), credentials=store.options
         ).load()
     _one_line_naming(caught.value, url, "cannot read tensor bundle")
+
+
+# --------------------------------------------------------------------------- multipart uploads
+
+
+@pytest.fixture
+def small_parts(monkeypatch) -> int:
+    """s3fs uploads files of two parts or more as multipart uploads: make a part 5 MiB (S3's
+    smallest), so that a checkpoint of a few MiB takes the path of a large one."""
+    import s3fs.core
+
+    part = 5 * 2**20
+    monkeypatch.setattr(s3fs.core, "calculate_chunksize", lambda size, chunksize=None, max_parts=10_000: part)
+    return part
+
+
+def _checkpoint_of(size: int, value: float) -> dict:
+    return {"models": {"w": torch.full((size // 4,), value)}}
+
+
+def test_a_multipart_upload_publishes_the_complete_object_once(bucket: Store, small_parts: int):
+    dataset = TorchCheckpointDataset(
+        filepath=bucket.url("teacher.pt"), version=Version(None, NEW), credentials=bucket.options
+    )
+    dataset.save(_checkpoint_of(3 * small_parts, 1.0))
+    loaded = TorchCheckpointDataset(
+        filepath=bucket.url("teacher.pt"), version=Version(None, None), credentials=bucket.options
+    ).load()
+    assert torch.equal(loaded["models"]["w"], _checkpoint_of(3 * small_parts, 1.0)["models"]["w"])
+    assert bucket.files() == [f"teacher.pt/{NEW}/teacher.pt"]
+
+
+def test_a_multipart_upload_cut_off_before_completion_publishes_nothing(
+    bucket: Store, small_parts: int, monkeypatch
+):
+    """The connection drops after the parts went up: S3 shows no object (it assembles one only on
+    CompleteMultipartUpload), s3fs aborts the upload, and the previous version still loads."""
+    import s3fs.core
+
+    TorchCheckpointDataset(
+        filepath=bucket.url("teacher.pt"), version=Version(None, OLD), credentials=bucket.options
+    ).save(_checkpoint_of(1024, 0.0))
+    call_s3 = s3fs.core.S3FileSystem._call_s3
+
+    async def drop_before_completion(self, method, *args, **kwargs):
+        if method == "complete_multipart_upload":
+            raise ConnectionError("connection reset by peer")
+        return await call_s3(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.core.S3FileSystem, "_call_s3", drop_before_completion)
+    dataset = TorchCheckpointDataset(
+        filepath=bucket.url("teacher.pt"), version=Version(None, NEW), credentials=bucket.options
+    )
+    with pytest.raises(DatasetError) as caught:
+        dataset.save(_checkpoint_of(3 * small_parts, 1.0))
+    monkeypatch.undo()
+    _one_line_naming(caught.value, bucket.url("teacher.pt", NEW, "teacher.pt"), "cannot be reached")
+    assert bucket.files() == [f"teacher.pt/{OLD}/teacher.pt"]
+    fs, path = url_to_fs(bucket.root, **bucket.options)
+    uploads = fs.call_s3("list_multipart_uploads", Bucket=path.split("/")[0]).get("Uploads", [])
+    assert uploads == []  # aborted, not left to accrue storage
+    latest = TorchCheckpointDataset(
+        filepath=bucket.url("teacher.pt"), version=Version(None, None), credentials=bucket.options
+    ).load()
+    assert latest["catalog_version"] == OLD
