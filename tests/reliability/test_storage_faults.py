@@ -311,3 +311,20 @@ def test_a_multipart_upload_cut_off_before_completion_publishes_nothing(
         filepath=bucket.url("teacher.pt"), version=Version(None, None), credentials=bucket.options
     ).load()
     assert latest["catalog_version"] == OLD
+
+
+def test_exists_is_false_without_a_version_but_a_fault_of_the_store_is_raised(bucket: Store):
+    fresh = TensorBundleDataset(
+        filepath=bucket.url("pairs.npz"), version=Version(None, None), credentials=bucket.options
+    )
+    assert not fresh.exists()
+    unreachable = {
+        **S3_KEY,
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{_closed_port()}"},
+        **ONE_ATTEMPT,
+    }
+    cut_off = TensorBundleDataset(
+        filepath=bucket.url("pairs.npz"), version=Version(None, None), credentials=unreachable
+    )
+    with pytest.raises(DatasetError, match="cannot be reached"):
+        cut_off.exists()

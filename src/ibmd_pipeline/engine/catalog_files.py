@@ -73,10 +73,10 @@ def write_bundle(handle: IO[bytes], bundle: Mapping[str, Any]) -> None:
 def read_bundle(path: Path | str | IO[bytes], **storage_options: Any) -> dict[str, Any]:
     """The bundle in the ``.npz`` file ``path``: arrays become tensors, the JSON member plain values.
 
-    ``path`` is a local path, a URL or an open binary file. Raises ``FileNotFoundError`` for a missing local file,
-    ``engine.storage.StorageError`` for a fault of a remote store (a missing object included), and
-    ``OSError``, ``ValueError``, ``EOFError`` or ``zipfile.BadZipFile`` for a file that is not a
-    readable bundle.
+    ``path`` is a local path, a URL or an open binary file. Raises ``FileNotFoundError`` for a
+    missing local file, ``engine.storage.StorageError`` for a fault of a remote store (a missing
+    object included), and ``OSError``, ``ValueError``, ``EOFError`` or ``zipfile.BadZipFile`` for
+    a file that is not a readable bundle.
     """
     if hasattr(path, "read"):
         source: Path | IO[bytes] = path

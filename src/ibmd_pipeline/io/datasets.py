@@ -146,7 +146,7 @@ class VersionedFileDataset(AbstractVersionedDataset):
     def _exists(self) -> bool:
         try:
             load_path = self._load_path()
-        except DatasetError:
+        except VersionNotFoundError:  # no version yet; a fault of the store is raised, not hidden
             return False
         with self._store_faults():
             return self._exists_function(str(load_path))
