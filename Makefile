@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export KEDRO_DISABLE_TELEMETRY := true
 
-.PHONY: setup metric-weights run test viz test-airflow airflow-check dags bench clean-test
+.PHONY: setup metric-weights run test viz test-airflow test-storage airflow-check dags bench clean-test
 
 setup: $(STAMP) metric-weights
 
@@ -37,6 +37,11 @@ viz: setup
 
 test-airflow: setup
 	$(BIN)/python -m pytest -m airflow -p no:cacheprovider tests/integration
+
+# The catalog's storage tests alone: datasets and faults on memory:// and on a real S3 server
+# (moto, through s3fs). `make test` runs them too.
+test-storage: setup
+	$(BIN)/python -m pytest -p no:cacheprovider tests/io tests/reliability/test_storage_faults.py
 
 airflow-check: setup
 	$(BIN)/python scripts/airflow_check.py

@@ -157,6 +157,6 @@ def test_wrong_data_and_unknown_extensions_are_refused(tmp_path: Path) -> None:
         FigureReportDataset(filepath=str(tmp_path / "p.png")).save(_image())
     with pytest.raises(DatasetError, match="image format"):
         ImageReportDataset(filepath=str(tmp_path / "g.unknown")).save(_image())
-    with pytest.raises(DatasetError, match="local files only"):
-        JSONReportDataset(filepath="s3://bucket/metrics.json")
+    with pytest.raises(DatasetError, match="'nosuch://bucket/metrics.json': the protocol is unknown"):
+        JSONReportDataset(filepath="nosuch://bucket/metrics.json")
     assert not list(tmp_path.iterdir())

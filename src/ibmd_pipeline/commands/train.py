@@ -22,6 +22,12 @@ The ``--config`` file (YAML or JSON) holds the parameters the node would get: th
 or ``distill`` section (the same keys as ``params:teacher`` / ``params:distill``), ``task``,
 ``seed`` and optionally ``engine``. This module imports no Kedro: bundles and catalog versions
 are read and written with ``engine.catalog_files``, the format of the catalog's datasets.
+
+``--data``, ``--val-data``, ``--teacher``, ``--output`` and ``--register-catalog`` also take URLs
+of an object store (``s3://bucket/ibmd/06_models/teacher.pt``, ``gs://...``); the store's client
+finds its credentials and endpoint where it usually does (for S3: ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL_S3`` or ``~/.aws``; for GCS:
+``GOOGLE_APPLICATION_CREDENTIALS``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,11 +51,12 @@ from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.distill.config import parse_distill_config
 from ibmd_pipeline.distill.trainer import distill_student
 from ibmd_pipeline.engine.catalog_files import new_version_file, read_bundle, version_of
-from ibmd_pipeline.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from ibmd_pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
 from ibmd_pipeline.engine.config import ConfigError, parse_config
 from ibmd_pipeline.engine.devices import EngineConfig, configure_threads
 from ibmd_pipeline.engine.distributed import barrier, cleanup_distributed, init_distributed
 from ibmd_pipeline.engine.launch import is_main_process
+from ibmd_pipeline.engine.storage import is_local, local_path, write_atomically
 from ibmd_pipeline.teacher import parse_teacher_config, train_teacher
 
 __all__ = [
@@ -91,9 +99,11 @@ def load_run_config(path: Path | str) -> dict[str, Any]:
 
 
 def load_bundle(path: Path | str) -> dict[str, Any]:
-    """A ``.npz`` bundle written by the catalog (``TensorBundleDataset``), read without pickle."""
-    path = Path(path)
-    if not path.is_file():
+    """A ``.npz`` bundle written by the catalog (``TensorBundleDataset``), read without pickle.
+
+    ``path`` is a local file or a URL (``s3://...``; credentials from the store's environment).
+    """
+    if is_local(path) and not local_path(path).is_file():
         raise FileNotFoundError(
             f"bundle '{path}' does not exist; pass the file inside a version folder, e.g. "
             "data/05_model_input/pairs_train.npz/<version>/pairs_train.npz"
@@ -103,7 +113,7 @@ def load_bundle(path: Path | str) -> dict[str, Any]:
 
 def register_in_catalog(
     checkpoint: Mapping[str, Any], entry: Path | str, now: datetime.datetime | None = None
-) -> Path:
+) -> Path | str:
     """Write ``checkpoint`` as the newest version of the versioned catalog file ``entry``.
 
     ``entry`` is the catalog ``filepath`` (e.g. ``data/06_models/teacher.pt``); the file lands in
@@ -113,7 +123,8 @@ def register_in_catalog(
     """
     target = new_version_file(entry, now)
     payload = {k: v for k, v in checkpoint.items() if k != "catalog_version"}
-    return atomic_write(target, lambda handle: torch.save(payload, handle), overwrite=False)
+    write_atomically(target, lambda handle: torch.save(payload, handle), overwrite=False)
+    return target
 
 
 def _section(params: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -159,7 +170,7 @@ def run_stage(
     if teacher is None:
         raise ConfigError("teacher", "--stage distill needs --teacher <teacher.pt>")
     config = parse_distill_config(_section(params, "distill"), "distill")
-    teacher_path = Path(teacher)
+    teacher_path = os.fspath(teacher)
     teacher_checkpoint = load_checkpoint(teacher_path)
     teacher_checkpoint["catalog_version"] = version_of(teacher_path)
     bundle = load_bundle(data)
@@ -195,14 +206,13 @@ def _parser() -> argparse.ArgumentParser:
         "--config", required=True, type=Path, help="YAML/JSON with teacher or distill, task, seed, engine"
     )
     parser.add_argument(
-        "--data", required=True, type=Path, help="teacher: pairs_train .npz; distill: corrupted_train .npz"
+        "--data", required=True, help="teacher: pairs_train .npz; distill: corrupted_train .npz"
     )
-    parser.add_argument("--val-data", type=Path, help="teacher: pairs_val .npz (default: the training pairs)")
-    parser.add_argument("--teacher", type=Path, help="distill: the teacher checkpoint (.pt)")
-    parser.add_argument("--output", required=True, type=Path, help="where rank 0 writes the checkpoint")
+    parser.add_argument("--val-data", help="teacher: pairs_val .npz (default: the training pairs)")
+    parser.add_argument("--teacher", help="distill: the teacher checkpoint (.pt)")
+    parser.add_argument("--output", required=True, help="where rank 0 writes the checkpoint")
     parser.add_argument(
         "--register-catalog",
-        type=Path,
         metavar="ENTRY",
         help="also write it as the newest version of this catalog entry, e.g. data/06_models/teacher.pt",
     )

@@ -4,9 +4,11 @@ kedro-datasets' ``json.JSONDataset``, ``text.TextDataset``, ``pillow.ImageDatase
 ``matplotlib.MatplotlibDataset`` write straight into the final file, so a run killed during a
 save leaves a torn ``metrics.json`` or PNG that the next load (a notebook, MLflow, a re-run of
 ``evaluate``) reads. These datasets write the same content through
-``engine.checkpoint.atomic_write``, like the project's other datasets (``io.datasets``): into a
-temporary file beside the target, moved into place once complete; a versioned save never replaces
-a file that is already there. They take local paths and Kedro's versioning.
+``engine.storage.write_atomically``, like the project's other datasets (``io.datasets``): on a local
+disk into a temporary file beside the target, moved into place once complete; in an object store
+as one complete upload. A versioned save never replaces a file that is already there. They take
+local paths or URLs (``s3://``, ``gs://``, ``memory://``) with ``credentials`` and ``fs_args``, and
+Kedro's versioning (``io.datasets.VersionedFileDataset``).
 
 * :class:`JSONReportDataset`: any JSON value, indented by 2 as kedro-datasets writes it;
 * :class:`TextReportDataset`: a string, UTF-8 (e.g. a markdown table);
@@ -30,8 +32,7 @@ from kedro_datasets._typing import ImagePreview, JSONPreview
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ibmd_pipeline.engine.checkpoint import atomic_write
-from ibmd_pipeline.io.datasets import _LocalVersionedDataset
+from ibmd_pipeline.io.datasets import VersionedFileDataset
 
 __all__ = ["FigureReportDataset", "ImageReportDataset", "JSONReportDataset", "TextReportDataset"]
 
@@ -39,25 +40,21 @@ __all__ = ["FigureReportDataset", "ImageReportDataset", "JSONReportDataset", "Te
 JSON_INDENT = 2
 
 
-class _ReportDataset(_LocalVersionedDataset):
-    """Atomic, optionally versioned saves of bytes to a local file."""
+class _ReportDataset(VersionedFileDataset):
+    """Atomic, optionally versioned saves of bytes to one file."""
 
-    def _write(self, content: bytes) -> None:
-        save_path = Path(self._get_save_path())
-        atomic_write(save_path, lambda handle: handle.write(content), overwrite=self._version is None)
-
-    def _read(self) -> bytes:
-        return Path(self._get_load_path()).read_bytes()
+    def _write_content(self, content: bytes) -> None:
+        self._write(lambda handle: handle.write(content))
 
 
 class JSONReportDataset(_ReportDataset):
     """A JSON value (e.g. the evaluation's metrics) as an indented ``.json`` file."""
 
     def load(self) -> Any:
-        return json.loads(self._read())
+        return json.loads(self._read_bytes())
 
     def save(self, data: Any) -> None:
-        self._write(json.dumps(data, indent=JSON_INDENT).encode())
+        self._write_content(json.dumps(data, indent=JSON_INDENT).encode())
 
     def preview(self) -> JSONPreview:
         """The file's JSON, for kedro-viz."""
@@ -68,24 +65,24 @@ class TextReportDataset(_ReportDataset):
     """A string (e.g. a markdown table) as a UTF-8 text file."""
 
     def load(self) -> str:
-        return self._read().decode()
+        return self._read_bytes().decode()
 
     def save(self, data: str) -> None:
         if not isinstance(data, str):
             raise DatasetError(f"{type(self).__name__} saves a string, got {type(data).__name__}")
-        self._write(data.encode())
+        self._write_content(data.encode())
 
 
 class _ImageFileDataset(_ReportDataset):
     """Image files: loaded as PIL images, previewed in kedro-viz."""
 
     def load(self) -> Image.Image:
-        with Image.open(io.BytesIO(self._read())) as image:
+        with Image.open(io.BytesIO(self._read_bytes())) as image:
             return image.copy()
 
     def preview(self) -> ImagePreview:
         """The file as base64, for kedro-viz."""
-        return ImagePreview(base64.b64encode(self._read()).decode())
+        return ImagePreview(base64.b64encode(self._read_bytes()).decode())
 
     def _format(self, registry: dict[str, str]) -> str:
         suffix = Path(str(self._filepath)).suffix.lower()
@@ -106,7 +103,7 @@ class ImageReportDataset(_ImageFileDataset):
         image_format = self._format(Image.registered_extensions())
         buffer = io.BytesIO()
         data.save(buffer, format=image_format)
-        self._write(buffer.getvalue())
+        self._write_content(buffer.getvalue())
 
 
 class FigureReportDataset(_ImageFileDataset):
@@ -118,7 +115,7 @@ class FigureReportDataset(_ImageFileDataset):
         formats = {f".{name}": name for name in data.canvas.get_supported_filetypes()}
         buffer = io.BytesIO()
         data.savefig(buffer, format=self._format(formats))
-        self._write(buffer.getvalue())
+        self._write_content(buffer.getvalue())
         if data.canvas.manager is not None:
             # A pyplot figure stays registered (and in memory) until closed, as
             # kedro-datasets' MatplotlibDataset closes it after saving.
