@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export KEDRO_DISABLE_TELEMETRY := true
 
-.PHONY: setup metric-weights run test viz test-airflow test-storage airflow-check dags bench clean-test
+.PHONY: setup metric-weights run test test-fast viz test-airflow test-storage airflow-check dags bench clean-test
 
 setup: $(STAMP) metric-weights
 
@@ -31,6 +31,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The quick loop: the tests marked fast (tests/fast_selection.py), every package touched once.
+test-fast: setup
+	$(BIN)/python -m pytest -m fast
 
 viz: setup
 	$(BIN)/kedro viz build
