@@ -76,8 +76,10 @@ from ibmd_pipeline.evaluation import (  # noqa: E402
     evaluated_subset,
     parse_evaluate_config,
     restore_images,
+    speed_baseline_nfe,
     student_runs,
 )
+from ibmd_pipeline.evaluation.report import metric_cell, verdict_cell  # noqa: E402
 
 logger = logging.getLogger("run_benchmarks")
 
@@ -123,7 +125,14 @@ QUICK_ROW = "sr4x_bicubic"
 QUICK_PARAMS: dict[str, Any] = {
     "teacher": {"train": {"steps": 600}},
     "distill": {"train": {"steps": 100}},
-    "evaluate": {"num_images": 100, "teacher_nfe": [1, 10, 100]},
+    "evaluate": {
+        "num_images": 100,
+        "num_seeds": 1,
+        "closeness": {"num_images": 100},
+        "fid": {"num_images": 100},
+        "teacher_nfe": [1, 10, 100],
+        "teacher_max_images": {999: None},
+    },
 }
 
 
@@ -384,6 +393,7 @@ def teacher_settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
         "lr_schedule": train["lr_schedule"],
         "warmup_steps": train["warmup_steps"],
         "ema_decay": train["ema_decay"],
+        "bf16": checkpoint.get("autocast_bf16"),  # bfloat16 autocast in training (None: not recorded)
     }
 
 
@@ -404,6 +414,7 @@ def distill_settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
         "lr_aux": resolved["lr_aux"],
         "ema_decay": train["ema_decay"],
         "use_teacher_ema": config["distill"]["use_teacher_ema"],
+        "bf16": checkpoint.get("autocast_bf16"),  # bfloat16 autocast in training (None: not recorded)
     }
 
 
@@ -535,9 +546,9 @@ def row_result(
 
         {"schema", "row", "task" (kind), "task_config", "labels": {"task", "teacher"},
          "teacher": {"schedule", "conditional", "ot_ode", "beta_max", "network", "parameters",
-                     "steps", "batch_size", "lr", "lr_schedule", "warmup_steps", "ema_decay"},
+                     "steps", "batch_size", "lr", "lr_schedule", "warmup_steps", "ema_decay", "bf16"},
          "distill": {"student_nfe", "multistep_mode", "noise", "steps", "L", "K", "batch_size",
-                     "aux_batch_size", "lr_generator", "lr_aux", "ema_decay", "use_teacher_ema"},
+                     "aux_batch_size", "lr_generator", "lr_aux", "ema_decay", "use_teacher_ema", "bf16"},
          "evaluate": {"num_images", "teacher_nfe", "student_nfe", "sampler", "seed", "fid_dims"},
          "quick", "env", "overrides" (the runtime parameters), "hardware": {...},
          "timings": {"degrade_s", "teacher_s", "distill_s", "evaluate_s", "cost_s",
@@ -683,13 +694,44 @@ def _minutes(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds / 60:.1f} min"
 
 
+#: Metrics in the grid table (each with its 95% interval) and those the verdict column names.
+TABLE_METRICS = ("fid", "kid", "fd_classifier", "lpips", "ca", "psnr", "ssim")
+VERDICT_METRICS = (("KID", "kid"), ("FD cls", "fd_classifier"), ("LPIPS", "lpips"))
+
+
+def _verdicts(result: Mapping[str, Any], record: Mapping[str, Any]) -> str:
+    """A student's differences to the teacher at the speed baseline NFE (100 when evaluated), with
+    the verdicts the evaluation drew from their intervals; empty for the teacher's own lines."""
+    if record["model"] != "student":
+        return ""
+    baseline = f"teacher@{speed_baseline_nfe(result['evaluate']['teacher_nfe'])}"
+    for comparison in result["evaluation"].get("comparisons") or []:
+        if comparison["candidate"] == record["label"] and comparison["baseline"] == baseline:
+            cells = [
+                f"{title} {verdict_cell(comparison, key)}"
+                for title, key in VERDICT_METRICS
+                if key in comparison["metrics"]
+            ]
+            return f"vs {baseline}: " + "; ".join(cells)
+    return ""
+
+
+def _bf16(result: Mapping[str, Any]) -> str:
+    def flag(value: bool | None) -> str:
+        return "–" if value is None else ("bf16" if value else "fp32")
+
+    return f"{flag(result['teacher'].get('bf16'))} / {flag(result['distill'].get('bf16'))}"
+
+
 def render_table(results: Sequence[Mapping[str, Any]]) -> str:
-    """Every result as markdown: one line per model and NFE, the row's costs on its first line,
-    the hardware below, and the FID-vs-distillation-steps tables of results that have one."""
+    """Every result as markdown: one line per model and NFE with each metric's 95% interval, the
+    students' verdicts against the teacher, the row's costs on its first line, the hardware
+    below, and the FID-vs-distillation-steps tables of results that have one."""
     header = [
-        "row", "task", "teacher", "student NFE (train)", "model", "NFE", "FID", "LPIPS", "CA (%)",
-        "PSNR", "SSIM", "s / image", "images / s", "speed-up vs teacher NFE", "teacher training",
-        "distillation", "update / teacher step", "peak memory (update / step)",
+        "row", "task", "teacher", "student NFE (train)", "model", "NFE", "FID", "KID ×10³", "FD cls",
+        "LPIPS", "CA (%)", "PSNR", "SSIM", "difference [95% interval] verdict", "s / image",
+        "speed-up vs teacher NFE", "teacher training", "distillation", "update / teacher step",
+        "peak memory (update / step)", "training precision (teacher / student)",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     machines: dict[str, list[str]] = {}
@@ -709,18 +751,15 @@ def render_table(results: Sequence[Mapping[str, Any]]) -> str:
                 str(result["distill"]["student_nfe"]) if first else "",
                 record["model"],
                 str(record["nfe"]),
-                _number(record["fid"], 1),
-                _number(record["lpips"], 3),
-                _number(record["ca"], 1),
-                _number(record["psnr"], 2),
-                _number(record["ssim"], 3),
+                *(metric_cell(record, key) for key in TABLE_METRICS),
+                _verdicts(result, record),
                 _significant(record["sec_per_image"]),
-                _significant(record["images_per_sec"]),
                 speedups,
                 _minutes(result["timings"]["teacher_s"]) if first else "",
                 _minutes(result["timings"]["distill_s"]) if first else "",
                 f"{result['cost']['update_over_teacher_step']:.2f}×" if first else "",
                 f"{result['cost']['peak_memory_ratio']:.2f}×" if first else "",
+                _bf16(result) if first else "",
             ]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")

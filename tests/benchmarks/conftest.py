@@ -23,8 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run_benchmarks as rb  # noqa: E402
 from row_conf import ROW, isolated_conf  # noqa: E402
 
-#: The test env evaluates the teacher at NFE 1 and 4 (a full 999-step chain has no place in a unit test).
-TEST_EVALUATE = {"evaluate": {"teacher_nfe": [1, 4]}}
+#: The row's grid protocol (1,000 images, 3 seeds, NFE 999) set back to the test env's tiny
+#: evaluation: a full 999-step chain has no place in a unit test.
+TEST_EVALUATE = {
+    "evaluate": {
+        "teacher_nfe": [1, 4],
+        "teacher_max_images": {999: None},  # the row's cap lifted: no NFE 999 here
+        "num_images": 16,
+        "num_seeds": 1,
+        "closeness": {"num_images": 8},
+        "fid": {"num_images": 16, "reference_images": 32},
+    }
+}
 CURVE = (2, 4)  # conf/test distils 4 updates: the curve's last point is the row's own student
 
 

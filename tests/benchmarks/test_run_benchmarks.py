@@ -144,15 +144,26 @@ def test_the_table_lists_each_row_once_full_results_before_quick_ones(row_run, t
     lines = main.splitlines()
     assert lines[0].startswith("| row | task | teacher | student NFE (train) | model | NFE | FID |")
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
-    assert len(cells) == 6 and all(len(row) == 18 for row in cells)
+    assert len(cells) == 6 and all(len(row) == 21 for row in cells), [(len(r), r) for r in cells]
     assert [row[0] for row in cells] == ["sr4x_bicubic", "", "", "jpeg5 (quick)", "", ""]
     student, record = cells[2], result["records"][2]
-    assert student[4:7] == ["student", "1", f"{record['fid']:.1f}"]
-    assert student[13] == (
+    interval = record["intervals"]["fid"]
+    assert student[4:7] == ["student", "1", f"{record['fid']:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"]
+    # the student's differences to the teacher, with the verdicts drawn from their intervals
+    (comparison,) = [
+        c for c in result["evaluation"]["comparisons"]
+        if c["candidate"] == "student@1" and c["baseline"] == "teacher@4"
+    ]
+    verdict = comparison["metrics"]["kid"]["verdict"]
+    assert student[13].startswith("vs teacher@4: KID ") and f"**{verdict}**" in student[13]
+    assert cells[0][13] == ""  # the teacher's own lines carry no verdict
+    assert student[15] == (
         f"1: {record['speedup_vs_teacher_nfe1']:.3g}×, 4: {record['speedup_vs_teacher_nfe4']:.3g}×"
     )
-    assert cells[0][14] == f"{result['timings']['teacher_s'] / 60:.1f} min" and student[14] == ""
-    assert cells[0][16] == f"{result['cost']['update_over_teacher_step']:.2f}×"
+    assert cells[0][16] == f"{result['timings']['teacher_s'] / 60:.1f} min" and student[16] == ""
+    assert cells[0][18] == f"{result['cost']['update_over_teacher_step']:.2f}×"
+    precision = {True: "bf16", False: "fp32"}
+    assert cells[0][20] == f"{precision[result['teacher']['bf16']]} / {precision[result['distill']['bf16']]}"
     assert f"Measured on {result['hardware']['cpu']}" in rest
     assert "(sr4x_bicubic, jpeg5 (quick))" in rest
     curve_rows = [line for line in rest.splitlines() if line.startswith(("| 2 |", "| 4 |"))]
@@ -240,7 +251,11 @@ def test_the_grid_is_the_issues_grid():
 def test_quick_settings_and_overrides_layer_in_order():
     quick = rb.row_params("sr4x_bicubic", quick=True, device="cpu", threads=2)
     assert quick["teacher"]["train"]["steps"] == 600 and quick["distill"]["train"]["steps"] == 100
-    assert quick["evaluate"] == {"teacher_nfe": [1, 10, 100], "student_nfe": [1], "num_images": 100}
+    assert quick["evaluate"] == {
+        "teacher_nfe": [1, 10, 100], "student_nfe": [1], "num_images": 100, "num_seeds": 1,
+        "closeness": {"num_images": 100}, "fid": {"num_images": 100, "reference_images": 1000},
+        "teacher_max_images": {999: None},
+    }
     assert quick["engine"] == {"device": "cpu", "num_threads": 2}
     full = rb.row_params("sr4x_bicubic", quick=False, device="auto", threads=2)
     assert full["evaluate"]["teacher_nfe"] == [1, 10, 100, 999] and "train" not in full["teacher"]

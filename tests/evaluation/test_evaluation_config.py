@@ -46,6 +46,8 @@ def test_nested_values_are_typed():
 def test_slow_nfe_caps_take_integer_keys_from_yaml_and_strings_from_json():
     assert tiny_config(teacher_max_images={3: 5}).teacher_max_images == {3: 5}
     assert tiny_config(teacher_max_images={"3": 5}).teacher_max_images == {3: 5}
+    # null lifts a cap, e.g. a benchmark row's {999: 100} in a run without NFE 999
+    assert tiny_config(teacher_max_images={999: None, 3: 5}).teacher_max_images == {3: 5}
     # the report's own config (JSON: string keys) parses back to the same settings
     config = tiny_config(teacher_max_images={3: 5})
     assert parse_evaluate_config(json.loads(json.dumps(config_to_dict(config)))) == config

@@ -485,3 +485,14 @@ def test_restore_images_batches_and_rejects_non_finite_output(pairs_test):
             batch_size=5,
             seed=3,
         )
+
+
+def test_the_report_records_each_model_s_training_precision(pairs_test, teacher_sr, student_sr, references):
+    teacher = {**teacher_sr, "autocast_bf16": True}
+    student = {**student_sr, "autocast_bf16": False}
+    config = tiny_config(fid={"enabled": False}, lpips={"enabled": False})
+    models = evaluate(pairs_test, teacher, student, references, config).report["models"]
+    assert models["teacher"]["trained_bf16"] is True and models["student"]["trained_bf16"] is False
+    unrecorded = {k: v for k, v in teacher_sr.items() if k != "autocast_bf16"}  # e.g. imported
+    models = evaluate(pairs_test, unrecorded, student, references, config).report["models"]
+    assert models["teacher"]["trained_bf16"] is None

@@ -113,6 +113,7 @@ def test_pipeline_on_an_in_memory_catalog():
     SequentialRunner().run(create_pipeline(), catalog)
     student = catalog.load("student_model")
     assert student["kind"] == "student" and student["step"] == 2
+    assert isinstance(student["autocast_bf16"], bool)  # what the distillation ran in, recorded
     loaded = student_from_checkpoint(student, task_kind="sr4x_bicubic", image_size=SIZE, channels=1)
     assert loaded.nfe == 1 and loaded.noise
 

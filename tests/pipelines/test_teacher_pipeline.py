@@ -66,6 +66,8 @@ def test_pipeline_on_an_in_memory_catalog(pairs):
     assert set(outputs) == {"teacher_loss_plot", "teacher_grid"}
     checkpoint = catalog.load("teacher_model")
     assert checkpoint["kind"] == "teacher" and checkpoint["step"] == 6
+    # bf16 defaults off (conf: teacher.train.bf16), so the checkpoint records float32 training
+    assert checkpoint["autocast_bf16"] is False
     assert checkpoint["config"]["teacher"]["train"]["seed"] == 4  # the global seed
     assert checkpoint["config"]["task"]["kind"] == "sr4x_pool" and checkpoint["config"]["image_size"] == 32
     assert isinstance(catalog.load("teacher_loss_plot"), Figure)

@@ -170,6 +170,11 @@ class DistillRun:
         self.generator_for_update = wrap_ddp(self.generator, self.ctx)
         self.aux_for_update = wrap_ddp(self.aux, self.ctx)
 
+    @property
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """What the student checkpoint records beside the engine's entries."""
+        return {"kind": "student", "autocast_bf16": self.use_bf16}
+
     # ----------------------------------------------------------------------------- draws
 
     def _normal(self, shape: tuple[int, ...], global_batch: int) -> Tensor:
@@ -452,7 +457,7 @@ def _train(
         def step_fn(state: TrainingState, step: int) -> dict[str, float]:
             losses = run.step(state, step)
             if step + 1 in wanted:  # the loop counts this update only after step_fn returns
-                snapshot = export_checkpoint(state, run.student_config, extra={"kind": "student"})
+                snapshot = export_checkpoint(state, run.student_config, extra=run.checkpoint_extra)
                 snapshot["step"] = step + 1
                 on_snapshot(step + 1, snapshot)
             return losses
@@ -473,7 +478,7 @@ def _train(
     if workdir is not None and not config.keep_workdir and ctx.is_main:
         (workdir / WORKING_CHECKPOINT).unlink(missing_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
-    return export_checkpoint(run.state, run.student_config, extra={"kind": "student"})
+    return export_checkpoint(run.state, run.student_config, extra=run.checkpoint_extra)
 
 
 def distill_student(

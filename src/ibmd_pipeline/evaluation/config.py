@@ -204,7 +204,8 @@ class EvaluateConfig:
         metrics use them. At least 4 (intervals need a few images).
     teacher_nfe: the teacher's sampler is run at each of these NFE (e.g. 1, 10, 100, 999).
     teacher_max_images: NFE -> the most images the teacher restores at that NFE (e.g.
-        ``{999: 100}``: a 999-step chain on a CPU); comparisons then use those first images.
+        ``{999: 100}``: a 999-step chain on a CPU); comparisons then use those first images. A
+        null count is no cap (it lifts the cap of a config this one is merged over).
     student_nfe: NFE of the student; null = every one of 1, 2, 4 up to the steps N it was
         trained with (a student trained with N steps may run fewer, docs/method.md sec. 4.4).
     sampler: the teacher's sampler, ``ancestral`` (bridge posterior, I2SB) or ``deterministic``
@@ -244,8 +245,10 @@ class EvaluateConfig:
         for nfe, count in dict(self.teacher_max_images).items():
             if isinstance(nfe, bool) or not str(nfe).isdigit():
                 raise ValueError(f"teacher_max_images: keys are teacher NFE (integers), got {nfe!r}")
+            if count is None:  # no cap: how a config merged over another lifts that one's cap
+                continue
             if isinstance(count, bool) or not isinstance(count, int):
-                raise ValueError(f"teacher_max_images[{nfe}]: expected an integer, got {count!r}")
+                raise ValueError(f"teacher_max_images[{nfe}]: expected an integer or null, got {count!r}")
             caps[int(nfe)] = count
         object.__setattr__(self, "teacher_max_images", caps)
 

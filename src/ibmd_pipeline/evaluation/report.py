@@ -23,7 +23,15 @@ from torch import Tensor  # noqa: E402
 
 from ibmd_pipeline.evaluation.schema import Comparison, EvaluationReport, MetricRecord, Scores  # noqa: E402
 
-__all__ = ["best_teacher_nfe", "grid_columns", "metrics_table", "plot_report", "run_title"]
+__all__ = [
+    "best_teacher_nfe",
+    "grid_columns",
+    "metric_cell",
+    "metrics_table",
+    "plot_report",
+    "run_title",
+    "verdict_cell",
+]
 
 _BRIDGE_NAMES = {"i2sb": "I2SB", "ddbm_vp": "DDBM"}
 #: KID values are small; tables and plots show them times this.
@@ -61,6 +69,24 @@ def _cell(scores: Scores, key: str, pattern: str, scale: float = 1.0) -> str:
     if interval:
         text += f" [{_fmt(interval[0], pattern, scale)}, {_fmt(interval[1], pattern, scale)}]"
     return text
+
+
+def _column(key: str) -> tuple[str, float]:
+    """The number format and scale of metric ``key`` in every table."""
+    for _, column_key, pattern, scale in (*_QUALITY_COLUMNS, *_TARGET_COLUMNS):
+        if column_key == key:
+            return pattern, scale
+    raise KeyError(f"no table column for metric {key!r}")
+
+
+def metric_cell(scores: Scores, key: str) -> str:
+    """Metric ``key`` of ``scores`` as the report's tables show it: ``value [low, high]``."""
+    return _cell(scores, key, *_column(key))
+
+
+def verdict_cell(comparison: Comparison, key: str) -> str:
+    """Metric ``key`` of a comparison as the report shows it: ``difference [low, high] **verdict**``."""
+    return _verdict_cell(comparison, key, _column(key)[1])
 
 
 def _teacher_records(report: EvaluationReport) -> list[MetricRecord]:

@@ -165,6 +165,9 @@ class EvaluationSetup:
     dataset: str
     fid_reference: Mapping[str, Any] | None
     classifier: Mapping[str, Any] | None
+    # "teacher" / "student" -> bfloat16 autocast in training as the checkpoint records it (None:
+    # not recorded, e.g. an imported teacher or an older checkpoint)
+    trained_bf16: dict[str, bool | None]
 
     def teacher_runs(self) -> list[ModelRun]:
         """The main sampler at every NFE, then every further sampler mode."""
@@ -238,6 +241,10 @@ def prepare_evaluation(
         dataset,
         fid_reference,
         classifier,
+        trained_bf16={
+            "teacher": teacher_checkpoint.get("autocast_bf16"),
+            "student": None if student_checkpoint is None else student_checkpoint.get("autocast_bf16"),
+        },
     )
 
 
@@ -606,9 +613,13 @@ def build_report(
                 conditional=teacher.conditional,
                 use_ema=config.use_ema,
                 samplers=[config.sampler, *config.teacher_modes],
+                trained_bf16=setup.trained_bf16["teacher"],
             ),
             student=StudentFacts(
-                trained_nfe=student.nfe, noise=student.noise, evaluated_nfe=list(setup.student_nfe)
+                trained_nfe=student.nfe,
+                noise=student.noise,
+                evaluated_nfe=list(setup.student_nfe),
+                trained_bf16=setup.trained_bf16["student"],
             ),
         ),
         classifier=ClassifierFacts(

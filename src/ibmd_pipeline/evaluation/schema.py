@@ -117,12 +117,16 @@ class TeacherFacts(TypedDict):
     conditional: bool
     use_ema: bool
     samplers: list[str]
+    # bfloat16 autocast during the model's training, as its checkpoint records it (None: not
+    # recorded, e.g. an imported teacher). Evaluation itself samples in float32.
+    trained_bf16: bool | None
 
 
 class StudentFacts(TypedDict):
     trained_nfe: int
     noise: bool
     evaluated_nfe: list[int]
+    trained_bf16: bool | None  # as TeacherFacts.trained_bf16
 
 
 class ModelFacts(TypedDict):

@@ -455,5 +455,7 @@ def _train_teacher_rank(
         progress=progress and ctx.is_main,
         ctx=ctx,
     )
-    checkpoint = export_checkpoint(state, plan.checkpoint_config(config), extra={"kind": "teacher"})
+    checkpoint = export_checkpoint(
+        state, plan.checkpoint_config(config), extra={"kind": "teacher", "autocast_bf16": use_bf16}
+    )
     return checkpoint, checkpoint["history"]
