@@ -19,6 +19,9 @@ data movement and allocation, the rest: activations, losses, schedule arithmetic
 The table gives seconds per step and shares of the profiled time; the wall time per step of the
 same steps without the profiler is printed too (the profiler adds its own overhead).
 
+``--compile`` compiles the networks as ``train.compile.enabled`` does (inductor): the first
+step's row then shows the compile time that the later steps must pay back.
+
 ``--precision fp32`` (default) forces float32 (``cpu_bf16: never``), the path of a CPU without
 native bfloat16; ``auto`` keeps the configured choice. To time this CPU as one without native
 bf16 or AVX-512, also set ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``; the thread
@@ -56,7 +59,7 @@ from ibmd_pipeline.degradations.config import TaskConfig  # noqa: E402
 from ibmd_pipeline.distill.config import parse_distill_config  # noqa: E402
 from ibmd_pipeline.engine import ema as ema_module  # noqa: E402
 from ibmd_pipeline.engine.config import config_to_dict  # noqa: E402
-from ibmd_pipeline.engine.devices import autocast_context, cpu_model  # noqa: E402
+from ibmd_pipeline.engine.devices import autocast_context, compile_module, cpu_model  # noqa: E402
 from ibmd_pipeline.engine.training import create_training_state, optimizer_step  # noqa: E402
 from ibmd_pipeline.networks.predictors import X0Predictor  # noqa: E402
 from ibmd_pipeline.teacher.config import cpu_has_native_bf16, parse_teacher_config  # noqa: E402
@@ -148,6 +151,7 @@ def teacher_step(params: dict[str, Any], bf16: bool, images: torch.Tensor) -> Ca
     schedule = make_schedule(resolved.bridge)
     net = build_predictor(resolved.unet, schedule, resolved.conditional).net
     state = create_training_state({"model": net}, config.train, device="cpu")
+    compile_module(state.models["model"], config.train.compile)  # as the trainer: after the EMA copy
     predictor = X0Predictor(state.models["model"], schedule, resolved.conditional)
     batch = config.train.batch_size
     generator = torch.Generator().manual_seed(0)
@@ -205,10 +209,12 @@ def category(event: Any) -> str:
     return OTHER
 
 
-def profile_steps(step: Callable[[], None], steps: int) -> tuple[dict[str, float], float]:
-    """Self seconds per step of each category under the profiler, and the median wall
-    seconds of ``steps`` unprofiled steps."""
-    step()  # warm-up: allocator, oneDNN primitives
+def profile_steps(step: Callable[[], None], steps: int) -> tuple[dict[str, float], float, float]:
+    """Self seconds per step of each category under the profiler, the median wall seconds of
+    ``steps`` unprofiled steps, and the wall seconds of the first step (the warm-up)."""
+    begin = time.perf_counter()
+    step()  # warm-up: allocator, oneDNN primitives, compilation with --compile
+    first = time.perf_counter() - begin
     walls = []
     for _ in range(steps):
         begin = time.perf_counter()
@@ -220,7 +226,7 @@ def profile_steps(step: Callable[[], None], steps: int) -> tuple[dict[str, float
     seconds: dict[str, float] = defaultdict(float)
     for event in prof.events():
         seconds[category(event)] += event.self_cpu_time_total / 1e6 / steps
-    return dict(seconds), statistics.median(walls)
+    return dict(seconds), statistics.median(walls), first
 
 
 def cpu_flags() -> str:
@@ -262,7 +268,7 @@ def print_settings(bf16: bool) -> None:
     )
 
 
-def print_table(results: dict[str, tuple[dict[str, float], float]]) -> None:
+def print_table(results: dict[str, tuple[dict[str, float], float, float]]) -> None:
     names = list(results)
     print("\n| where the time goes (profiled s/step) | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
@@ -275,6 +281,11 @@ def print_table(results: dict[str, tuple[dict[str, float], float]]) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
     print("| **profiled total** | " + " | ".join(f"{totals[n]:.3f}" for n in names) + " |")
     print("| wall time, unprofiled (median) | " + " | ".join(f"{results[n][1]:.3f}" for n in names) + " |")
+    print(
+        "| wall time of the first step (warm-up) | "
+        + " | ".join(f"{results[n][2]:.3f}" for n in names)
+        + " |"
+    )
 
 
 def main() -> None:
@@ -287,6 +298,11 @@ def main() -> None:
         default="fp32",
         help="fp32: force float32 (cpu_bf16: never); auto: the configured cpu_bf16",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the networks (train.compile.enabled, inductor, mode default)",
+    )
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be >= 1")
@@ -296,6 +312,12 @@ def main() -> None:
     teacher_params, distill_params = dict(params["teacher"]), dict(params["distill"])
     if args.precision == "fp32":
         teacher_params["cpu_bf16"] = distill_params["cpu_bf16"] = "never"
+    if args.compile:
+        for section in (teacher_params, distill_params):
+            section["train"] = {
+                **section["train"],
+                "compile": {**section["train"]["compile"], "enabled": True},
+            }
     distill_params["workdir"] = None
     distill_params["validation"] = {**distill_params["validation"], "every": 0}
     teacher_config = parse_teacher_config(teacher_params, seed=0)
