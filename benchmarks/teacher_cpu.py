@@ -1,7 +1,8 @@
 """Cost and quality of the default CPU teacher on sr4x_bicubic (embedded data, base parameters).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/teacher_cpu.py [--threads 2] [--steps N]
-        [--images 500] [--no-fid] [--out data/08_reporting/teacher_cpu_benchmark]
+        [--cpu-bf16 auto|always|never] [--images 500] [--no-fid]
+        [--out data/08_reporting/teacher_cpu_benchmark]
 
 Builds the degrade pairs exactly as ``kedro run --pipelines=degrade`` does with
 ``conf/base`` (the task forced to sr4x_bicubic), trains the teacher of
@@ -17,7 +18,7 @@ Builds the degrade pairs exactly as ``kedro run --pipelines=degrade`` does with
 2. the quality on the first ``--images`` test images, restored at NFE 1, 10 and 100 (and the
    corrupted input itself): the distance of each image *set* to held-out clean test images
    (the next ``--images`` of the test split) as the sliced Wasserstein-2 distance in pixel
-   space (``distill.validation.sliced_wasserstein``, 1024 directions; in RMS pixel units)
+   space (:func:`sliced_wasserstein` below, 1024 directions; in RMS pixel units)
    and FID (pytorch-fid's Inception, ``metrics.fid``; biased upwards at 500 images, compare
    rows only), plus the mean PSNR against each image's own clean version. The "clean" row is
    the metric's floor (clean vs held-out clean). A good teacher: NFE 1 has the best PSNR (it
@@ -31,6 +32,7 @@ is saved to ``--out/teacher_cpu_grid.png``, the loss curves to ``teacher_cpu_los
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import statistics
@@ -46,7 +48,6 @@ import torch  # noqa: E402
 
 from ibmd_pipeline.data import DataConfig, build_pair_bundles  # noqa: E402
 from ibmd_pipeline.degradations import TaskConfig  # noqa: E402
-from ibmd_pipeline.distill.validation import random_directions, sliced_wasserstein  # noqa: E402
 from ibmd_pipeline.engine.config import parse_config  # noqa: E402
 from ibmd_pipeline.engine.devices import describe_device, select_device  # noqa: E402
 from ibmd_pipeline.metrics.image_quality import psnr  # noqa: E402
@@ -74,6 +75,24 @@ def base_parameters() -> dict[str, Any]:
     return OmegaConfigLoader(conf_source=str(ROOT / "conf"), **args)["parameters"]
 
 
+def random_directions(dim: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(dim, count)`` float32 unit vectors, uniform on the sphere (normalised Gaussians)."""
+    directions = torch.randn(dim, count, generator=generator, dtype=torch.float32)
+    return directions / directions.norm(dim=0, keepdim=True)
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tensor) -> float:
+    """Sliced W2 between the equal-size image sets ``a`` and ``b``: ``sqrt(mean_p W2^2(<a, p>,
+    <b, p>))`` over the ``(D, P)`` unit ``directions``; W2 between equal-size 1-D empirical
+    measures pairs the sorted values."""
+    flat_a, flat_b = a.reshape(a.shape[0], -1).float(), b.reshape(b.shape[0], -1).float()
+    if flat_a.shape != flat_b.shape or directions.shape[0] != flat_a.shape[1]:
+        raise ValueError(f"sets {tuple(a.shape)}, {tuple(b.shape)} and directions {tuple(directions.shape)}")
+    proj_a = (flat_a @ directions).sort(dim=0).values
+    proj_b = (flat_b @ directions).sort(dim=0).values
+    return math.sqrt(float((proj_a - proj_b).square().mean()))
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -84,6 +103,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, help="override teacher.train.steps")
+    parser.add_argument("--cpu-bf16", choices=("auto", "always", "never"),
+                        help="override teacher.cpu_bf16 (never: float32, as on a CPU without native bf16)")
     parser.add_argument("--images", type=int, default=500, help="test images restored (and as many held out)")
     parser.add_argument("--no-fid", action="store_true", help="skip FID (about 0.2 s per image on 2 cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "08_reporting" / "teacher_cpu_benchmark")
@@ -97,6 +118,8 @@ def main() -> None:
     data = parse_config(DataConfig, params["data"], "data")
     seed = int(params["seed"])
     teacher_params = dict(params["teacher"])
+    if args.cpu_bf16:
+        teacher_params["cpu_bf16"] = args.cpu_bf16
     if args.steps:
         train = teacher_params["train"]
         warmup = min(int(train.get("warmup_steps", 0)), args.steps // 10)
