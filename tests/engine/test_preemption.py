@@ -19,6 +19,8 @@ from torch import nn
 from ibmd_pipeline.degradations import TaskConfig, degrade
 from ibmd_pipeline.engine.checkpoint import load_checkpoint
 from ibmd_pipeline.engine.config import config_to_dict
+from ibmd_pipeline.engine.distributed import DistributedConfig, gather_objects, init_distributed
+from ibmd_pipeline.engine.launch import launch_local
 from ibmd_pipeline.engine.loop import run_training
 from ibmd_pipeline.engine.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
 from ibmd_pipeline.engine.training import TrainConfig, TrainingState, create_training_state, optimizer_step
@@ -110,6 +112,27 @@ def test_a_signal_in_the_last_step_finishes_the_run_normally(tmp_path: Path):
         progress=False,
     )
     assert state.step == 10 and load_checkpoint(tmp_path / "last.pt")["step"] == 10
+
+
+def _signalled_rank_worker(dist_config: DistributedConfig, workdir: str) -> object:
+    """Two gloo ranks; only rank 1 gets SIGUSR1, in its step 2."""
+    ctx = init_distributed(dist_config, "cpu")
+    state = create_training_state({"net": make_mlp()}, config(steps=8))
+    step_fn = signalling_step(signal.SIGUSR1, at_step=2) if ctx.rank == 1 else regression_step
+    try:
+        run_training(state, step_fn, workdir=workdir, progress=False, ctx=ctx)
+        outcome: tuple = ("finished", state.step, None)
+    except TrainingPreempted as stopped:
+        outcome = ("stopped", stopped.step, stopped.signal_name)
+    return {"outcomes": gather_objects(outcome, ctx)}
+
+
+def test_one_signalled_rank_stops_every_rank_at_the_same_step(tmp_path: Path):
+    dist_config = DistributedConfig(nproc_per_node=2, backend="gloo", timeout_s=60.0)
+    result = launch_local(_signalled_rank_worker, 2, (dist_config, str(tmp_path)), dist_config)
+    assert result["outcomes"] == [("stopped", 3, "a signal to another rank"), ("stopped", 3, "SIGUSR1")]
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["step"] == 3 and saved["world_size"] == 2
 
 
 # --------------------------------------------------------------------------- the command, for real
