@@ -170,15 +170,39 @@ def _params(workdir: Path | None) -> dict:
     }
 
 
-def _command(tmp_path: Path, name: str, workdir: Path | None) -> list[str]:
+def _command(tmp_path: Path, name: str, workdir: Path | None, launcher: tuple[str, ...] = ()) -> list[str]:
     config = tmp_path / f"{name}.json"
     config.write_text(json.dumps(_params(workdir)))
     return [
-        sys.executable, "-m", "ibmd_pipeline.commands.train", "--stage", "teacher", "--config", str(config),
-        "--data", str(tmp_path / "pairs.npz"), "--output", str(tmp_path / f"{name}.pt"), "--no-progress",
+        sys.executable, *(launcher or ("-m",)), "ibmd_pipeline.commands.train", "--stage", "teacher",
+        "--config", str(config), "--data", str(tmp_path / "pairs.npz"),
+        "--output", str(tmp_path / f"{name}.pt"), "--no-progress",
     ]
 
 
+def _wait_for_checkpoint(workdir: Path, process: subprocess.Popen) -> None:
+    """Until training is under way: its first working checkpoint is on disk."""
+    deadline = time.monotonic() + 240
+    while not list(workdir.glob("run-*/last.pt")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _same_weights(a_path: Path, b_path: Path) -> None:
+    a, b = load_checkpoint(a_path), load_checkpoint(b_path)
+    for group in ("models", "ema"):
+        for name, tensors in a[group].items():
+            for key, value in tensors.items():
+                assert torch.equal(value, b[group][name][key]), f"{group}.{name}.{key}"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's worker through /proc")
 def test_sigterm_to_the_command_exits_75_and_the_restart_ends_where_an_uninterrupted_run_does(tmp_path: Path):
     _write_pairs(tmp_path / "pairs.npz", 8, seed=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -210,9 +234,24 @@ def test_sigterm_to_the_command_exits_75_and_the_restart_ends_where_an_uninterru
     straight = subprocess.run(_command(tmp_path, "straight", None), env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    _same_weights(tmp_path / "straight.pt", tmp_path / "resumed.pt")
 
-    a, b = load_checkpoint(tmp_path / "straight.pt"), load_checkpoint(tmp_path / "resumed.pt")
-    for group in ("models", "ema"):
-        for name, tensors in a[group].items():
-            for key, value in tensors.items():
-                assert torch.equal(value, b[group][name][key]), f"{group}.{name}.{key}"
+    # torchrun --max-restarts: the worker stopped by SIGTERM exits 75, torchrun starts it again,
+    # and the new worker resumes from the working checkpoint.
+    workdir = tmp_path / "work-torchrun"
+    launcher = (
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "--max-restarts", "1", "-m",
+    )
+    torchrun = subprocess.Popen(
+        _command(tmp_path, "torchrun", workdir, launcher), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+    _wait_for_checkpoint(workdir, torchrun)
+    [worker] = [
+        pid for pid in _children(torchrun.pid) if "commands.train" in Path(f"/proc/{pid}/cmdline").read_text()
+    ]
+    os.kill(worker, signal.SIGTERM)
+    log, _ = torchrun.communicate(timeout=300)
+    assert torchrun.returncode == 0, log[-3000:]
+    assert "stopped by SIGTERM" in log and "resumed from" in log
+    _same_weights(tmp_path / "straight.pt", tmp_path / "torchrun.pt")
