@@ -120,9 +120,8 @@ def run_training(
         mininterval=1.0,
         dynamic_ncols=True,
     )
-    watcher = PreemptionWatcher()
+    watcher = PreemptionWatcher().install()
     try:
-        watcher.__enter__()
         while state.step < config.steps:
             step = state.step
             set_learning_rates(state, step)
@@ -188,20 +187,16 @@ def run_training(
                 for model in state.models.values():
                     model.train()
 
-            if (
-                path is not None
-                and config.checkpoint_every
-                and state.step % config.checkpoint_every == 0
-                and state.step < config.steps
-            ):
+            # A signal to any rank stops every rank here, at the same step; the last step needs
+            # no stop (the run ends and saves anyway).
+            stop = stop_requested(watcher, ctx) and state.step < config.steps
+            due = bool(config.checkpoint_every) and state.step % config.checkpoint_every == 0
+            if path is not None and (stop or (due and state.step < config.steps)):
                 _save_working(state, run_config, path, ctx)
-
-            if stop_requested(watcher, ctx) and state.step < config.steps:
-                if path is not None:
-                    _save_working(state, run_config, path, ctx)
+            if stop:
                 raise TrainingPreempted(state.step, watcher.signal_name or "a signal to another rank", path)
     finally:
-        watcher.__exit__(None, None, None)
+        watcher.remove()
         bar.close()
 
     if path is not None:

@@ -64,7 +64,7 @@ class TrainingPreempted(RuntimeError):
 
 
 class PreemptionWatcher:
-    """Context manager: while open, :data:`PREEMPTION_SIGNALS` set :attr:`signal_name`.
+    """While installed (or open as a context manager), :data:`PREEMPTION_SIGNALS` set :attr:`signal_name`.
 
     Handlers are installed only in the main thread (Python allows no other) and the previous
     ones are put back on exit. A second SIGINT calls the previous SIGINT handler (by default:
@@ -86,7 +86,8 @@ class PreemptionWatcher:
             logger.warning("%s received: saving and stopping at the end of this step", name)
         self.signal_name = self.signal_name or name
 
-    def __enter__(self) -> PreemptionWatcher:
+    def install(self) -> PreemptionWatcher:
+        """Handle the signals from now on (in the main thread; elsewhere this does nothing)."""
         if threading.current_thread() is threading.main_thread():
             for name in PREEMPTION_SIGNALS:
                 number = getattr(signal, name, None)
@@ -94,10 +95,17 @@ class PreemptionWatcher:
                     self._previous[number] = signal.signal(number, self._handle)
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def remove(self) -> None:
+        """Put the previous handlers back."""
         for number, previous in self._previous.items():
             signal.signal(number, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+
+    def __enter__(self) -> PreemptionWatcher:
+        return self.install()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
 
 
 def stop_requested(watcher: PreemptionWatcher, ctx: DistContext) -> bool:
