@@ -46,6 +46,8 @@ FAST_TESTS: tuple[str, ...] = (
     "deploy/test_restore.py::test_the_output_folder_may_not_be_or_lie_inside_the_input_folder",
     "engine/test_ddp_training.py::test_catalog_version_names_sort_like_kedro_and_register_refuses_older",
     "engine/test_launch.py::test_under_a_launcher_the_process_joins_it_and_spawns_nothing",
+    "engine/test_preemption.py::test_a_signal_saves_at_the_step_boundary_and_the_rerun_resumes_exactly",
+    "engine/test_preemption.py::test_without_a_workdir_the_signal_still_stops_and_says_nothing_was_saved",
     "networks/test_unet.py::test_preset_sizes",
     "networks/test_unet.py::test_mismatched_state_dict_names_channels_and_keys",
     "networks/test_unet.py::test_input_checks",

@@ -28,6 +28,11 @@ of an object store (``s3://bucket/ibmd/06_models/teacher.pt``, ``gs://...``); th
 finds its credentials and endpoint where it usually does (for S3: ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL_S3`` or ``~/.aws``; for GCS:
 ``GOOGLE_APPLICATION_CREDENTIALS``).
+
+Preemption (docs/reliability.md): on SIGTERM, SIGINT or SIGUSR1 every rank stops at the same step
+boundary, the working checkpoint is written to ``workdir`` and the command exits with status
+:data:`~ibmd_pipeline.engine.preemption.PREEMPTED_EXIT_CODE` (75). The same command started again
+(by hand, by ``torchrun --max-restarts``, or by a requeued SLURM job) resumes from it.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from ibmd_pipeline.engine.config import ConfigError, parse_config
 from ibmd_pipeline.engine.devices import EngineConfig, configure_threads
 from ibmd_pipeline.engine.distributed import barrier, cleanup_distributed, init_distributed
 from ibmd_pipeline.engine.launch import is_main_process
+from ibmd_pipeline.engine.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
 from ibmd_pipeline.engine.storage import is_local, local_path, write_atomically
 from ibmd_pipeline.teacher import parse_teacher_config, train_teacher
 
@@ -221,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 on success)."""
+    """Command-line entry point; returns the exit status (0 on success, 75 when preempted)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     params = load_run_config(args.config)
@@ -243,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Other ranks leave only once rank 0 has written (a job scheduler may stop the step then).
         if torch.distributed.is_initialized():
             barrier(init_distributed(device_preference=result.device))
+    except TrainingPreempted as stopped:
+        logger.warning("%s; exit status %d", stopped, PREEMPTED_EXIT_CODE)
+        return PREEMPTED_EXIT_CODE
     finally:
         cleanup_distributed()
     return 0

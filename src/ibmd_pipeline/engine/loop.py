@@ -4,7 +4,8 @@
 number of steps: it seeds, resumes from ``workdir/last.pt`` when that file belongs to the same run
 configuration (``engine.resume``), shows a tqdm bar, logs window means, calls the sampling
 callback, writes atomic working checkpoints, and stops (or skips the batch) on a non-finite loss
-without ever overwriting the last good checkpoint.
+without ever overwriting the last good checkpoint. A SIGTERM/SIGINT/SIGUSR1 stops it at the next
+step boundary, after writing the working checkpoint (``engine.preemption``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ibmd_pipeline.engine.devices import autocast_context
 from ibmd_pipeline.engine.distributed import DistContext, barrier
+from ibmd_pipeline.engine.preemption import PreemptionWatcher, TrainingPreempted, stop_requested
 from ibmd_pipeline.engine.resume import (
     WORKING_CHECKPOINT,
     check_ranks_agree,
@@ -80,6 +82,10 @@ def run_training(
     quantity, leaving ``last.pt`` as it was (or, with ``skip_nonfinite``, skips that step's
     remaining work and counts it). Updates the step function made earlier in a skipped step
     stay applied.
+
+    A SIGTERM, SIGINT or SIGUSR1 (on any rank) ends the run at the next step boundary on every
+    rank: the working checkpoint is written (with ``workdir``) and :class:`TrainingPreempted`
+    is raised; calling ``run_training`` again with the same settings resumes from there.
     """
     config = state.config
     ctx = DistContext.single_process(state.device) if ctx is None else ctx
@@ -114,6 +120,7 @@ def run_training(
         mininterval=1.0,
         dynamic_ncols=True,
     )
+    watcher = PreemptionWatcher().install()
     try:
         while state.step < config.steps:
             step = state.step
@@ -180,14 +187,16 @@ def run_training(
                 for model in state.models.values():
                     model.train()
 
-            if (
-                path is not None
-                and config.checkpoint_every
-                and state.step % config.checkpoint_every == 0
-                and state.step < config.steps
-            ):
+            # A signal to any rank stops every rank here, at the same step; the last step needs
+            # no stop (the run ends and saves anyway).
+            stop = stop_requested(watcher, ctx) and state.step < config.steps
+            due = bool(config.checkpoint_every) and state.step % config.checkpoint_every == 0
+            if path is not None and (stop or (due and state.step < config.steps)):
                 _save_working(state, run_config, path, ctx)
+            if stop:
+                raise TrainingPreempted(state.step, watcher.signal_name or "a signal to another rank", path)
     finally:
+        watcher.remove()
         bar.close()
 
     if path is not None:

@@ -222,7 +222,9 @@ def restore_training_state(
         raise ResumeMismatchError(
             f"{source} was written by a run of {len(rank_rng)} process(es), this run has {world_size}: "
             "each rank's random streams are saved for its own rank and have no counterpart in another "
-            f"world size. Resume with {len(rank_rng)} process(es), or delete the file to start afresh."
+            f"world size. Resume with {len(rank_rng)} process(es) (the stage's "
+            f"distributed.nproc_per_node: {len(rank_rng)}, or a launcher's --nnodes x --nproc-per-node "
+            f"= {len(rank_rng)}), or delete the file to start afresh."
         )
     for group, own in (("models", state.models), ("optimizers", state.optimizers), ("ema", state.emas)):
         if set(payload[group]) != set(own):
