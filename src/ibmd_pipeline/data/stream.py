@@ -385,6 +385,7 @@ class StepBatches:
         self.workers, self.prefetch, self.pin_memory = workers, prefetch, pin_memory
         self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
         self._next: tuple[int, int] | None = None  # (step, position) the iterator yields next
+        self._planned: tuple[int, list[torch.Tensor]] | None = None  # the current step's plan
 
     def _restart(self, step: int) -> None:
         loader = DataLoader(
@@ -405,7 +406,9 @@ class StepBatches:
             self._restart(step)
         assert self._iterator is not None
         batch = next(self._iterator)
-        planned = self.plan(step)
+        if self._planned is None or self._planned[0] != step:
+            self._planned = (step, self.plan(step))
+        planned = self._planned[1]
         expected = planned[position]
         if not torch.equal(batch["index"], expected.to(batch["index"].dtype)):
             raise RuntimeError(f"the loader yielded another batch than step {step} planned")
