@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ibmd_pipeline.data import DataConfig, DataError, build_pair_bundles, corrupted_only
-from ibmd_pipeline.data.stream import StepBatches, StreamedPairs, is_streamed, materialise
+from ibmd_pipeline.data.stream import StepBatches, StreamedPairs, is_streamed, materialise, streams
 from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.engine.config import ConfigError, parse_config
 from ibmd_pipeline.engine.training import epoch_batch_indices
@@ -160,3 +160,11 @@ def test_data_stream_is_validated():
         parse_config(DataConfig, {"stream": "yes"}, "data")
     with pytest.raises(ConfigError, match="data.workers"):
         parse_config(DataConfig, {"workers": -1}, "data")
+
+
+def test_auto_streams_tar_sources_and_folders_from_stream_min_images(folder):
+    assert streams(data_config(folder, "auto", stream_min_images=30))  # 30 images
+    assert not streams(data_config(folder, "auto", stream_min_images=31))
+    assert not streams(data_config(folder, "auto", stream_min_images=30, max_images=29))
+    assert not streams(parse_config(DataConfig, {}, "data"))  # the embedded set stays in memory
+    assert streams(parse_config(DataConfig, {"source": "tar", "path": "x.tar"}, "data"))

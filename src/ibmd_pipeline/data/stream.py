@@ -23,6 +23,7 @@ fresh noise every batch, so training batches are the same on both paths.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tarfile
@@ -171,7 +172,7 @@ def is_streamed(bundle: Mapping[str, Any]) -> bool:
     return STREAM_KEY in bundle
 
 
-def streams(config: DataConfig, count: int | None = None) -> bool:
+def streams(config: DataConfig) -> bool:
     """Whether ``config`` asks for the streamed path (``data.stream``; ``auto``: large folder/tar sources)."""
     if config.stream != "auto":
         return bool(config.stream)
@@ -179,10 +180,16 @@ def streams(config: DataConfig, count: int | None = None) -> bool:
         return True
     if config.source != "folder":
         return False
-    if count is None:
-        count = len(list_files(check_folder(str(config.path), "data.path"), "data.path"))
-    capped = count if config.max_images is None else min(count, config.max_images)
-    return capped >= config.stream_min_images
+    if config.max_images is not None and config.max_images < config.stream_min_images:
+        return False
+    # Count up to the threshold only: a large folder is not listed twice.
+    root = check_folder(str(config.path), "data.path")
+    files = (
+        path
+        for path in root.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+    return sum(1 for _ in itertools.islice(files, config.stream_min_images)) >= config.stream_min_images
 
 
 # --------------------------------------------------------------------------- reading one image
