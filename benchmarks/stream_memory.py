@@ -112,9 +112,8 @@ def main() -> None:
             for stream in (True, False):
                 path = "streamed" if stream else "in memory"
                 rows.append((count, path, measure(folder, stream, args)))
-    print(
-        f"\n{args.size}x{args.size} RGB, batch {BATCH}, {args.steps} batches, {args.workers} reader processes\n"
-    )
+    settings = f"{args.size}x{args.size} RGB, batch {BATCH}, {args.steps} batches"
+    print(f"\n{settings}, {args.workers} reader processes\n")
     print("| images | path | peak RSS, process (MiB) | peak RSS, a reader (MiB) | seconds |")
     print("|---:|---|---:|---:|---:|")
     for count, path, result in rows:
