@@ -40,6 +40,10 @@ FAST_MODULES: tuple[str, ...] = (
 
 #: Single tests (node ids relative to ``tests/``, parameters included by prefix).
 FAST_TESTS: tuple[str, ...] = (
+    "data/test_stream.py::test_streamed_splits_hold_the_in_memory_images_in_the_same_order",
+    "data/test_stream.py::test_the_distillation_reader_yields_no_clean_image",
+    "data/test_stream.py::test_an_unreadable_image_or_shard_is_one_error_naming_it",
+    "data/test_stream.py::test_data_stream_is_validated",
     "deploy/test_export.py::test_export_config_errors_name_the_key",
     "deploy/test_export.py::test_loading_reports_unusable_files",
     "deploy/test_restore.py::test_clear_errors_for_unusable_models_and_folders",

@@ -7,7 +7,7 @@ from typing import Literal
 
 from ibmd_pipeline.engine.config import require
 
-DataSource = Literal["embedded", "folder", "paired_ab", "paired_folders", "paired_suffix"]
+DataSource = Literal["embedded", "folder", "tar", "paired_ab", "paired_folders", "paired_suffix"]
 PAIRED_SOURCES: tuple[str, ...] = ("paired_ab", "paired_folders", "paired_suffix")
 
 
@@ -20,6 +20,9 @@ class DataConfig:
         10 classes), centred on a black canvas of ``image_size`` (or shrunk, if smaller than 28).
         ``folder``: every readable image under ``path`` (recursively); when all images sit in
         sub-folders, the first sub-folder name is the class label.
+        ``tar``: the images inside the ``.tar`` shards under ``path`` (or the one shard ``path``),
+        webdataset-style; the first folder of a member's name is its class label, as for ``folder``.
+        Always streamed.
         ``paired_ab``: pix2pix-style images under ``path``, two halves side by side (A left,
         B right); ``direction`` says which half is the corrupted source.
         ``paired_folders``: clean images under ``path``, corrupted ones under
@@ -43,6 +46,13 @@ class DataConfig:
     val_fraction, test_fraction: shares of the images held out for validation and test (each
         split gets at least one image); the rest is the training split.
     max_images: use at most this many images (a seeded random subset), or all when null.
+    stream: read the images from their files batch by batch, degrading each on the fly
+        (``data.stream``; docs/scaling.md), instead of decoding the whole set into memory:
+        ``true``, ``false``, or ``auto``: stream ``tar`` sources, and ``folder`` sources of at
+        least ``stream_min_images`` images (after ``max_images``). Other sources are never streamed.
+    stream_min_images: the size from which ``auto`` streams a folder.
+    workers: reader processes of the streamed loader (0: read in the training process).
+    prefetch: batches each reader process keeps ready ahead of the step.
     small_images: what to do with folder images whose shorter side is below ``image_size``:
         ``upscale`` them (one warning lists them) or raise an ``error`` naming the first.
     """
@@ -60,6 +70,10 @@ class DataConfig:
     small_images: Literal["upscale", "error"] = "upscale"
     resize: Literal["fit_bicubic", "i2sb", "ddbm"] = "fit_bicubic"
     corrupted_resample: Literal["same", "nearest"] = "same"
+    stream: bool | Literal["auto"] = "auto"
+    stream_min_images: int = 20000
+    workers: int = 4
+    prefetch: int = 2
 
     def validate(self, key: str) -> None:
         prefix = f"{key}." if key else ""
@@ -86,6 +100,26 @@ class DataConfig:
             f"{prefix}max_images",
             f"must be null or at least 3 (one image per split), got {self.max_images}",
         )
+        require(
+            self.stream_min_images >= 1,
+            f"{prefix}stream_min_images",
+            f"must be >= 1, got {self.stream_min_images}",
+        )
+        require(self.workers >= 0, f"{prefix}workers", f"must be >= 0, got {self.workers}")
+        require(self.prefetch >= 1, f"{prefix}prefetch", f"must be >= 1, got {self.prefetch}")
+        if self.stream is True:
+            require(
+                self.source in ("folder", "tar"),
+                f"{prefix}stream",
+                f"streams sources 'folder' and 'tar' only, got source '{self.source}'; "
+                "allowed values here: false, auto",
+            )
+        if self.source == "tar":
+            require(
+                self.stream is not False,
+                f"{prefix}stream",
+                "source 'tar' is always streamed; allowed values: true, auto",
+            )
         if self.source == "embedded":
             require(self.path is None, f"{prefix}path", "must be null for source 'embedded'")
         else:

@@ -251,7 +251,10 @@ def _suffix_items(config: DataConfig) -> tuple[list[_Item], Path]:
 
 def check_sources(config: DataConfig) -> None:
     """Cheap checks of the configured folders (they exist), before anything is loaded."""
-    if config.path is not None:
+    if config.source == "tar":
+        if config.path is not None and not Path(config.path).expanduser().exists():
+            raise ConfigError("data.path", f"'{Path(config.path).expanduser()}' does not exist")
+    elif config.path is not None:
         check_folder(config.path, "data.path")
     if config.corrupted_path is not None:
         check_folder(config.corrupted_path, "data.corrupted_path")

@@ -22,6 +22,7 @@ from ibmd_pipeline.data.image_set import (
     split_image_set,
     torch_generator,
 )
+from ibmd_pipeline.data.stream import build_manifests, streams
 from ibmd_pipeline.degradations.config import TaskConfig, check_image_size
 from ibmd_pipeline.degradations.ops import degrade
 from ibmd_pipeline.engine.config import ConfigError, config_to_dict
@@ -103,10 +104,14 @@ def build_pair_bundles(data: DataConfig, task: TaskConfig, seed: int) -> dict[st
     """Pair bundles for ``train``, ``val`` and ``test``; deterministic in ``seed``.
 
     Everything that can be checked without decoding images is checked first. Each split draws
-    its degradation noise from its own seeded stream.
+    its degradation noise from its own seeded stream. A streamed source (``data.stream``) gives
+    streamed bundles: a manifest of each split's files, read and degraded batch by batch later
+    (``data.stream``).
     """
     check_seed(seed)
     check_data_and_task(data, task)
+    if streams(data):
+        return build_manifests(data, task, seed)
     splits = split_image_set(load_images(data, seed), data.val_fraction, data.test_fraction, seed)
     return {
         name: make_pair_bundle(splits[name], task, torch_generator(seed, STREAM_DEGRADE, index), name)
@@ -115,5 +120,8 @@ def build_pair_bundles(data: DataConfig, task: TaskConfig, seed: int) -> dict[st
 
 
 def corrupted_only(bundle: dict[str, Any]) -> dict[str, Any]:
-    """A pair bundle without its targets: the corrupted images (and mask) plus plain values."""
+    """A pair bundle without its targets: the corrupted images (and mask) plus plain values.
+
+    For a streamed bundle, its manifest: the distillation's reader yields corrupted images only.
+    """
     return {key: value for key, value in bundle.items() if key not in TARGET_KEYS}

@@ -51,7 +51,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import Subset
 
+from ibmd_pipeline.data.stream import StepBatches, StreamedPairs, loader_options, materialise
 from ibmd_pipeline.distill.config import DistillConfig, ResolvedDistill, resolve_distill
 from ibmd_pipeline.distill.generator import BridgeGenerator
 from ibmd_pipeline.distill.ibmd import ibmd_auxiliary_loss, ibmd_generator_loss
@@ -96,20 +98,25 @@ SnapshotFn = Callable[[int, dict[str, Any]], None]
 
 
 def split_held_out(
-    corrupted: Tensor, mask: Tensor | None, held_out: int
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    corrupted: Tensor | StreamedPairs, mask: Tensor | None, held_out: int
+) -> tuple[Tensor | Subset, Tensor | None, Tensor, Tensor | None]:
     """``(train_xT, train_mask, val_xT, val_mask)``: the last ``held_out`` images are held out.
 
     The distill pipeline's validation and preview grid use the held-out part; training never
-    sees it.
+    sees it. For streamed images (a :class:`StreamedPairs` without targets) the training part
+    is the dataset's first images (a ``Subset``, its masks come with its items) and only the
+    held-out images are read into memory.
     """
-    count = corrupted.shape[0]
+    count = len(corrupted)
     if count <= held_out:
         raise ValueError(
             f"corrupted_train has {count} images; holding out distill.validation.batch_size = {held_out} "
             "for validation leaves none to train on (lower distill.validation.batch_size)"
         )
     cut = count - held_out
+    if isinstance(corrupted, StreamedPairs):
+        val = materialise(corrupted, range(cut, count))
+        return Subset(corrupted, range(cut)), None, val["corrupted"], val.get("mask")
     train_mask = None if mask is None else mask[:cut]
     val_mask = None if mask is None else mask[cut:]
     return corrupted[:cut], train_mask, corrupted[cut:], val_mask
@@ -156,13 +163,14 @@ class DistillRun:
     state: TrainingState
     resolved: ResolvedDistill
     config: DistillConfig
-    train_xT: Tensor  # host memory, float32 (pinned on CUDA)
+    train_xT: Tensor | Subset  # host memory, float32 (pinned on CUDA), or streamed images
     train_mask: Tensor | None
     val_xT: Tensor
     val_mask: Tensor | None
     student_config: dict[str, Any]
     run_config: dict[str, Any]
     validator: DistillValidator | None = None
+    reader: StepBatches | None = None  # set when train_xT is streamed
 
     def __post_init__(self) -> None:
         self.use_bf16 = self.config.autocast_bf16(self.ctx.device)
@@ -188,14 +196,19 @@ class DistillRun:
         ``stream`` 0 feeds the auxiliary updates (``L`` batches per step), 1 the generator's.
         Indices come from :func:`epoch_batch_indices`, a pure function of the index.
         """
-        world = self.ctx.world_size
-        global_batch = batch * world
-        seed = self.resolved.train.seed + stream
-        indices = epoch_batch_indices(len(self.train_xT), global_batch, index, seed)
-        indices = split_global_batch(indices, self.ctx)
+        global_batch = batch * self.ctx.world_size
         device = self.ctx.device
-        xT = gather_to_device(self.train_xT, indices, device)
-        mask = None if self.train_mask is None else gather_to_device(self.train_mask, indices, device)
+        if self.reader is not None:
+            aux_steps = self.resolved.aux_steps
+            step, position = divmod(index, aux_steps) if stream == 0 else (index, aux_steps)
+            read = self.reader.get(step, position)
+            xT = read["corrupted"].to(device, non_blocking=True)
+            mask = read["mask"].to(device, non_blocking=True) if "mask" in read else None
+        else:
+            assert isinstance(self.train_xT, Tensor)
+            indices = _rank_indices(self.ctx, len(self.train_xT), stream, index, batch, self.resolved)
+            xT = gather_to_device(self.train_xT, indices, device)
+            mask = None if self.train_mask is None else gather_to_device(self.train_mask, indices, device)
         shape = tuple(xT.shape)
         if mask is not None:
             xT = xT * (1.0 - mask) + self._normal(shape, global_batch) * mask
@@ -297,6 +310,14 @@ class DistillRun:
             )
 
 
+def _rank_indices(
+    ctx: DistContext, count: int, stream: int, index: int, batch: int, resolved: ResolvedDistill
+) -> Tensor:
+    """This rank's part of global batch ``index`` of data stream ``stream`` (0: auxiliary, 1: generator)."""
+    seed = resolved.train.seed + stream
+    return split_global_batch(epoch_batch_indices(count, batch * ctx.world_size, index, seed), ctx)
+
+
 def _check_inputs(corrupted: Tensor, mask: Tensor | None, task_kind: str | None) -> None:
     if not isinstance(corrupted, Tensor) or corrupted.ndim != 4 or not corrupted.is_floating_point():
         shape = tuple(corrupted.shape) if isinstance(corrupted, Tensor) else type(corrupted).__name__
@@ -327,27 +348,54 @@ def build_distill_run(
     Checks that the teacher fits the data (task, image size, channels) before any work:
     :class:`~ibmd_pipeline.teacher.model.CheckpointMismatchError` otherwise.
     """
-    _check_inputs(corrupted, mask, task_kind)
+    if isinstance(corrupted, StreamedPairs):
+        if corrupted.targets:
+            raise ValueError(
+                "distillation reads corrupted images only: pass StreamedPairs(..., targets=False)"
+            )
+        image_size, channels = corrupted.manifest.image_size, corrupted.manifest.channels
+        inpainting = corrupted.manifest.task.has_mask
+        data_fingerprint = corrupted.fingerprint()
+    else:
+        _check_inputs(corrupted, mask, task_kind)
+        image_size, channels = int(corrupted.shape[-1]), int(corrupted.shape[1])
+        inpainting = mask is not None
+        data_fingerprint = _fingerprint([corrupted] + ([] if mask is None else [mask]))
     teacher = teacher_from_checkpoint(
         teacher_checkpoint,
         use_ema=config.use_teacher_ema,
         device=ctx.device,
         task_kind=task_kind,
-        image_size=int(corrupted.shape[-1]),
-        channels=int(corrupted.shape[1]),
+        image_size=image_size,
+        channels=channels,
     )
     # The device's memory format before any copy is made: generator and auxiliary inherit it.
     place_module(teacher.predictor.net, ctx.device)
     resolved = resolve_distill(
-        config, bridge_kind=teacher.bridge.kind, conditional=teacher.conditional, inpainting=mask is not None
+        config, bridge_kind=teacher.bridge.kind, conditional=teacher.conditional, inpainting=inpainting
     )
     train_xT, train_mask, val_xT, val_mask = split_held_out(corrupted, mask, config.validation.batch_size)
-    # Batches are gathered from host memory every update: converted once to torch's default
-    # dtype (float32 unless the caller set another), pinned once on CUDA.
     dtype = torch.get_default_dtype()
-    train_xT = stage_on_host(train_xT.to("cpu", dtype).contiguous(), ctx.device)
-    if train_mask is not None:
-        train_mask = stage_on_host(train_mask.to("cpu", dtype).contiguous(), ctx.device)
+    reader = None
+    if isinstance(train_xT, Subset):
+        # Streamed: workers read the batches of the coming updates, in the order the step asks.
+        streamed, count = corrupted, len(train_xT)
+
+        def plan(step: int) -> list[Tensor]:
+            aux, first = resolved.aux_batch_size, step * resolved.aux_steps
+            return [
+                *(_rank_indices(ctx, count, 0, first + j, aux, resolved) for j in range(resolved.aux_steps)),
+                _rank_indices(ctx, count, 1, step, resolved.train.batch_size, resolved),
+            ]
+
+        assert isinstance(streamed, StreamedPairs)
+        reader = StepBatches(train_xT, plan, resolved.train.steps, **loader_options(streamed, ctx.device))
+    else:
+        # Batches are gathered from host memory every update: converted once to torch's default
+        # dtype (float32 unless the caller set another), pinned once on CUDA.
+        train_xT = stage_on_host(train_xT.to("cpu", dtype).contiguous(), ctx.device)
+        if train_mask is not None:
+            train_mask = stage_on_host(train_mask.to("cpu", dtype).contiguous(), ctx.device)
 
     generator = BridgeGenerator.from_teacher(
         teacher.predictor, nfe=resolved.student_nfe, noise=resolved.noise
@@ -380,15 +428,15 @@ def build_distill_run(
         "resolved": resolved.as_dict(),
         "generator": {**generator.spec(), "multistep_mode": resolved.multistep_mode},
         "task": teacher_config.get("task"),
-        "image_size": int(corrupted.shape[-1]),
-        "channels": int(corrupted.shape[1]),
+        "image_size": image_size,
+        "channels": channels,
     }
     weights_key = "ema" if config.use_teacher_ema else "models"
     teacher_weights = teacher_checkpoint[weights_key]["model"]
     run_config = {
         "teacher": teacher_config,
         "teacher_weights": _fingerprint([teacher_weights[k] for k in sorted(teacher_weights)]),
-        "data": _fingerprint([corrupted] + ([] if mask is None else [mask])),
+        "data": data_fingerprint,
         "held_out": config.validation.batch_size,
         "resolved": resolved.as_dict(),
         "use_teacher_ema": config.use_teacher_ema,
@@ -410,6 +458,7 @@ def build_distill_run(
         val_mask=val_mask,
         student_config=student_config,
         run_config=run_config,
+        reader=reader,
     )
     if config.validation.every > 0:
         run.validator = DistillValidator(

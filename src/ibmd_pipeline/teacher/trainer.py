@@ -15,8 +15,10 @@ atomic resumable working checkpoints, one per run however many ranks) is
 
 Devices: the network trains in ``channels_last`` on CUDA (``engine.devices.place_module``) and
 is compiled in place when ``train.compile.enabled`` (after placement and the EMA copy, before
-DDP). The whole training set is copied to the device once, so steps gather their batches on
-the device and make no host-to-device copies.
+DDP). An in-memory training set is copied to the device once, so steps gather their batches
+on the device and make no host-to-device copies; a streamed one (``data.stream``, a manifest
+bundle) is read batch by batch by ``data.stream.StepBatches``, whose workers decode and degrade
+the images of the coming steps while the device trains.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import Tensor
 
 from ibmd_pipeline.bridges.losses import bridge_matching_loss
 from ibmd_pipeline.bridges.schedules import BridgeSchedule, make_schedule
+from ibmd_pipeline.data.stream import StepBatches, StreamedPairs, is_streamed, loader_options, materialise
 from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.engine.config import ConfigError, config_to_dict, parse_config
 from ibmd_pipeline.engine.devices import autocast_context, compile_module, describe_device
@@ -207,17 +210,7 @@ def _same_task(stored: Mapping[str, Any], task: TaskConfig) -> bool:
     return True
 
 
-def bundle_pairs(bundle: Mapping[str, Any], task: TaskConfig, name: str) -> PairTensors:
-    """The pairs of a degrade bundle, checked against ``task``.
-
-    The bundle must hold ``clean`` and ``corrupted`` images of one shape (and ``mask`` for
-    inpainting), degraded for the same task as the parameters say.
-    """
-    missing = [k for k in ("clean", "corrupted") if k not in bundle]
-    if task.has_mask and "mask" not in bundle:
-        missing.append("mask")
-    if missing:
-        raise ValueError(f"the {name} bundle lacks {missing}; it must come from the degrade pipeline")
+def _check_task(bundle: Mapping[str, Any], task: TaskConfig, name: str) -> None:
     stored = bundle.get("task")
     if isinstance(stored, Mapping) and not _same_task(stored, task):
         raise ConfigError(
@@ -225,6 +218,30 @@ def bundle_pairs(bundle: Mapping[str, Any], task: TaskConfig, name: str) -> Pair
             f"the {name} pairs were degraded for task {dict(stored)}, but the parameters say "
             f"{config_to_dict(task)}; re-run the degrade pipeline with this task",
         )
+
+
+def streamed_head(bundle: Mapping[str, Any], task: TaskConfig, name: str, n: int) -> PairTensors:
+    """The first ``n`` pairs of a streamed bundle, read into memory (a validation batch)."""
+    _check_task(bundle, task, name)
+    dataset = StreamedPairs(bundle)
+    batch = materialise(dataset, range(min(n, len(dataset))))
+    return PairTensors(batch["clean"], batch["corrupted"], batch.get("mask"))
+
+
+def bundle_pairs(bundle: Mapping[str, Any], task: TaskConfig, name: str) -> PairTensors:
+    """The pairs of a degrade bundle, checked against ``task``.
+
+    The bundle must hold ``clean`` and ``corrupted`` images of one shape (and ``mask`` for
+    inpainting), degraded for the same task as the parameters say.
+    """
+    if is_streamed(bundle):
+        raise ValueError(f"the {name} bundle is streamed: read it with data.stream.StreamedPairs")
+    missing = [k for k in ("clean", "corrupted") if k not in bundle]
+    if task.has_mask and "mask" not in bundle:
+        missing.append("mask")
+    if missing:
+        raise ValueError(f"the {name} bundle lacks {missing}; it must come from the degrade pipeline")
+    _check_task(bundle, task, name)
     dtype = torch.get_default_dtype()
     clean = torch.as_tensor(bundle["clean"]).to(dtype)
     corrupted = torch.as_tensor(bundle["corrupted"]).to(dtype)
@@ -350,14 +367,22 @@ def _train_teacher_rank(
     """This process's part of :func:`train_teacher`, at its place ``ctx`` in the job."""
     device = ctx.device
     task_config = task_from_params(task)
-    train_pairs = bundle_pairs(train_bundle, task_config, "training")
-    val_pairs = bundle_pairs(val_bundle, task_config, "validation")
-    if train_pairs.clean.shape[1:] != val_pairs.clean.shape[1:]:
+    if is_streamed(train_bundle):
+        _check_task(train_bundle, task_config, "training")
+        train_pairs: PairTensors | StreamedPairs = StreamedPairs(train_bundle)
+        val_pairs = streamed_head(val_bundle, task_config, "validation", config.validation.batch_size)
+        shape = (train_pairs.manifest.channels, *(2 * (train_pairs.manifest.image_size,)))
+        fingerprint = train_pairs.fingerprint()
+    else:
+        train_pairs = bundle_pairs(train_bundle, task_config, "training")
+        val_pairs = bundle_pairs(val_bundle, task_config, "validation")
+        shape, fingerprint = tuple(train_pairs.clean.shape[1:]), train_pairs.fingerprint()
+    if shape != tuple(val_pairs.clean.shape[1:]):
         raise ValueError(
-            f"training images {tuple(train_pairs.clean.shape[1:])} and validation images "
-            f"{tuple(val_pairs.clean.shape[1:])} differ in shape"
+            f"training images {shape} and validation images {tuple(val_pairs.clean.shape[1:])} "
+            "differ in shape"
         )
-    channels, image_size = int(train_pairs.clean.shape[1]), int(train_pairs.clean.shape[-1])
+    channels, image_size = int(shape[0]), int(shape[-1])
     plan = plan_teacher(config, task_config, image_size=image_size, channels=channels)
     schedule, resolved = plan.schedule, plan.resolved
     use_bf16 = config.autocast_bf16(device)
@@ -387,20 +412,42 @@ def _train_teacher_rank(
     train_predictor = X0Predictor(wrap_ddp(state.models["model"], ctx), schedule, resolved.conditional)
     ema_predictor = X0Predictor(state.emas["model"].shadow, schedule, resolved.conditional)
 
-    data = train_pairs.to(device)
     global_batch = config.train.batch_size * ctx.world_size
+
+    def batch_indices(step: int) -> Tensor:
+        indices = epoch_batch_indices(len(train_pairs), global_batch, step, config.train.seed)
+        return split_global_batch(indices, ctx)
+
     # Batches are gathered into these buffers: no per-step allocation of the inputs.
-    x0 = torch.empty((config.train.batch_size, *data.clean.shape[1:]), device=device)
+    x0 = torch.empty((config.train.batch_size, *shape), device=device)
     xT = torch.empty_like(x0)
-    mask = None if data.mask is None else torch.empty((x0.shape[0], *data.mask.shape[1:]), device=device)
+    mask = torch.empty((x0.shape[0], 1, *shape[1:]), device=device) if task_config.has_mask else None
+    if isinstance(train_pairs, StreamedPairs):
+        reader = StepBatches(
+            train_pairs,
+            lambda step: [batch_indices(step)],
+            config.train.steps,
+            **loader_options(train_pairs, device),
+        )
+
+        def fill_batch(step: int) -> None:
+            batch = reader.get(step)
+            for buffer, key in ((x0, "clean"), (xT, "corrupted"), (mask, "mask")):
+                if buffer is not None:
+                    buffer.copy_(batch[key], non_blocking=True)
+    else:
+        data = train_pairs.to(device)
+
+        def fill_batch(step: int) -> None:
+            indices = batch_indices(step).to(device)
+            torch.index_select(data.clean, 0, indices, out=x0)
+            torch.index_select(data.corrupted, 0, indices, out=xT)
+            if mask is not None:
+                torch.index_select(data.mask, 0, indices, out=mask)
 
     def step_fn(state: TrainingState, step: int) -> dict[str, float]:
-        indices = epoch_batch_indices(len(data), global_batch, step, config.train.seed)
-        indices = split_global_batch(indices, ctx).to(device)
-        torch.index_select(data.clean, 0, indices, out=x0)
-        torch.index_select(data.corrupted, 0, indices, out=xT)
+        fill_batch(step)
         if mask is not None:
-            torch.index_select(data.mask, 0, indices, out=mask)
             # The hole is refilled with fresh N(0, 1) noise every batch, as I2SB's training
             # corrupts every batch anew and as the distillation draws its xT: the degrade-time
             # fill is one draw, and a teacher trained on it alone would see another xT
@@ -441,7 +488,7 @@ def _train_teacher_rank(
     run_config = {
         "kind": "teacher",
         **{k: v for k, v in plan.checkpoint_config(config).items() if k != "teacher"},
-        "data": {"train_pairs": len(train_pairs), "fingerprint": train_pairs.fingerprint()},
+        "data": {"train_pairs": len(train_pairs), "fingerprint": fingerprint},
         "world_size": ctx.world_size,
         "autocast_bf16": use_bf16,
     }

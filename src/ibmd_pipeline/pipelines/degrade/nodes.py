@@ -7,6 +7,7 @@ from typing import Any
 from PIL import Image
 
 from ibmd_pipeline.data import DataConfig, build_pair_bundles, check_seed, corrupted_only
+from ibmd_pipeline.data.stream import in_memory_head
 from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.engine.config import parse_config
 from ibmd_pipeline.pipelines.common import make_image_grid, mask_to_image
@@ -37,6 +38,7 @@ def make_corrupted_train(pairs_train: Bundle) -> Bundle:
 
 def make_degrade_grid(pairs: Bundle) -> Image.Image:
     """A preview: clean | corrupted (| mask) for the first few examples of ``pairs``."""
+    pairs = in_memory_head(pairs, GRID_EXAMPLES)
     columns, titles = [pairs["clean"], pairs["corrupted"]], ["clean", "corrupted"]
     if "mask" in pairs:
         columns.append(mask_to_image(pairs["mask"]))

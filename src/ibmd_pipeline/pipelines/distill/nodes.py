@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ibmd_pipeline.bridges.samplers import sample
+from ibmd_pipeline.data.stream import StreamedPairs, is_streamed
 from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.distill.config import parse_distill_config
 from ibmd_pipeline.distill.student import student_from_checkpoint
@@ -37,8 +38,13 @@ def _engine_device(engine: dict[str, Any]) -> str:
     return config.device
 
 
-def _corrupted_data(corrupted_train: Bundle, task_kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The corrupted images and mask of a corrupted-only bundle, refusing anything with targets."""
+def _corrupted_data(
+    corrupted_train: Bundle, task_kind: str
+) -> tuple[torch.Tensor | StreamedPairs, torch.Tensor | None]:
+    """The corrupted images and mask of a corrupted-only bundle, refusing anything with targets.
+
+    A streamed bundle gives a reader of corrupted images only (masks come with its items).
+    """
     forbidden = sorted(key for key in ("clean", "labels") if key in corrupted_train)
     if forbidden:
         raise ValueError(
@@ -52,6 +58,8 @@ def _corrupted_data(corrupted_train: Bundle, task_kind: str) -> tuple[torch.Tens
             f"is '{task_kind}', but corrupted_train was made for '{bundle_task}'; "
             "re-run the degrade pipeline",
         )
+    if is_streamed(corrupted_train):
+        return StreamedPairs(corrupted_train, targets=False), None
     return corrupted_train["corrupted"].float(), corrupted_train.get("mask")
 
 
@@ -161,7 +169,9 @@ def make_distill_grid(
     task_kind = student_model["config"]["task"]["kind"]
     corrupted, mask = _corrupted_data(corrupted_train, task_kind)
     device = select_device(_engine_device(engine))
-    size, channels = int(corrupted.shape[-1]), int(corrupted.shape[1])
+    validation = student_model["config"]["distill"]["validation"]
+    _, _, val_xT, val_mask = split_held_out(corrupted, mask, int(validation["batch_size"]))
+    size, channels = int(val_xT.shape[-1]), int(val_xT.shape[1])
     student = student_from_checkpoint(
         student_model, device=device, task_kind=task_kind, image_size=size, channels=channels
     )
@@ -180,8 +190,6 @@ def make_distill_grid(
             trained_with,
             teacher.version,
         )
-    validation = student_model["config"]["distill"]["validation"]
-    _, _, val_xT, val_mask = split_held_out(corrupted, mask, int(validation["batch_size"]))
     rows = int(validation["grid_examples"])
     xT = val_xT[:rows].to(device)
     hole = None if val_mask is None else val_mask[:rows].to(device)

@@ -14,6 +14,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ibmd_pipeline.data.stream import in_memory_head
 from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.engine.config import ConfigError, parse_config
 from ibmd_pipeline.engine.devices import configure_threads, select_device
@@ -58,6 +59,15 @@ def _check_task(pairs_test: Bundle, task: dict[str, Any]) -> None:
         )
 
 
+def _in_memory(pairs_test: Bundle, pairs_train: Bundle | None, config: Any) -> tuple[Bundle, Bundle | None]:
+    """Streamed splits read into memory, only as many images as the evaluation uses: the test
+    images it scores, and the training images of the references (``fid.reference_images``, at
+    least ``num_images``; they also train the CA classifier). In-memory bundles pass unchanged."""
+    train_images = max(config.num_images, config.fid.reference_images or 0)
+    train = None if pairs_train is None else in_memory_head(pairs_train, train_images)
+    return in_memory_head(pairs_test, config.num_images), train
+
+
 def _dataset_name(data: dict[str, Any] | None) -> str:
     data = data or {}
     source = data.get("source", "embedded")
@@ -70,6 +80,7 @@ def train_classifier_node(
     """Train the CA classifier on the clean training split (its clean-test accuracy inside)."""
     config = parse_evaluate_config(evaluate)
     _engine_device(engine)  # the classifier trains on the CPU; this sets the thread count
+    pairs_test, pairs_train = _in_memory(pairs_test, pairs_train, config)
     return train_reference_classifier(pairs_train, pairs_test, config, progress=True)
 
 
@@ -79,6 +90,7 @@ def fid_reference_node(
     """Inception features of the reference's clean images (by default training images that no
     model restores), with the fingerprints of those images and of the test split."""
     config = parse_evaluate_config(evaluate)
+    pairs_test, pairs_train = _in_memory(pairs_test, pairs_train, config)
     return compute_fid_reference(pairs_test, config, device=_engine_device(engine), pairs_train=pairs_train)
 
 
@@ -95,6 +107,7 @@ def evaluate_teacher_node(
     ``evaluate_models`` to reuse with every student of this teacher."""
     config = parse_evaluate_config(evaluate)
     _check_task(pairs_test, task)
+    pairs_test, _ = _in_memory(pairs_test, None, config)
     return evaluate_teacher(
         pairs_test,
         teacher_model,
@@ -126,6 +139,7 @@ def evaluate_models_node(
     """
     config = parse_evaluate_config(evaluate)
     _check_task(pairs_test, task)
+    pairs_test, _ = _in_memory(pairs_test, None, config)
     device = _engine_device(engine)
     result = run_evaluation(
         pairs_test,

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ibmd_pipeline.data import check_seed
+from ibmd_pipeline.data.stream import in_memory_head, is_streamed
 from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.engine.config import parse_config
 from ibmd_pipeline.engine.devices import EngineConfig, configure_threads, select_device
@@ -38,6 +39,8 @@ Bundle = dict[str, Any]
 
 def _image_shape(bundle: Mapping[str, Any]) -> tuple[int, int]:
     """(image_size, channels) of a pair bundle."""
+    if is_streamed(bundle):
+        return int(bundle["image_size"]), int(bundle["channels"])
     clean = bundle["clean"] if "clean" in bundle else bundle["corrupted"]
     return int(clean.shape[-1]), int(clean.shape[1])
 
@@ -100,7 +103,7 @@ def make_teacher_grid(
     columns = sample_grid_columns(
         loaded.predictor,
         loaded.schedule,
-        pairs_val,
+        in_memory_head(pairs_val, config.sampler.n_examples),
         nfes=config.sampler.grid_nfe,
         mode=config.sampler.mode,
         n_examples=config.sampler.n_examples,
