@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ibmd_pipeline.engine.config import parse_config, require
+from ibmd_pipeline.engine.distributed import DistributedConfig
 from ibmd_pipeline.metrics.classifier import ClassifierConfig
 
 __all__ = [
@@ -217,6 +218,10 @@ class EvaluateConfig:
     batch_size: images per sampling call (and per LPIPS / classifier call).
     use_ema: evaluate the EMA weights of teacher and student (as the paper does).
     grid_rows: examples shown in the sample grid.
+    distributed: processes that restore and measure the images together
+        (``nproc_per_node`` local workers, or the processes of ``torchrun``/``srun``): each takes
+        every ``world_size``-th sampling batch, and rank 0 gathers the per-image values and
+        features and writes the report, which equals one process's up to float rounding.
     """
 
     num_images: int = 300
@@ -237,6 +242,7 @@ class EvaluateConfig:
     closeness: ClosenessSettings = field(default_factory=ClosenessSettings)
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
     speed: SpeedSettings = field(default_factory=SpeedSettings)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         # NFE keys arrive as integers from YAML and as strings from a report's JSON.
