@@ -24,7 +24,7 @@ from evaluation_fakes import tiny_config
 from numerics import sum_rtol
 
 from ibmd_pipeline.engine.distributed import DistContext
-from ibmd_pipeline.evaluation import run_evaluation, shard_batches
+from ibmd_pipeline.evaluation import evaluate_teacher, run_evaluation, shard_batches
 
 # Inception v3: 3x3 convolutions over 448 channels (Mixed_7b/7c), 4032 terms, are its longest dot
 # products; its deepest path has fewer than 48 convolutions.
@@ -33,6 +33,16 @@ INCEPTION_DEPTH = 48
 RTOL = INCEPTION_DEPTH * sum_rtol(INCEPTION_MAX_FAN_IN, torch.float32)
 # Entries of the report that are the same settings in both runs or measure the machine.
 SKIPPED = ("sec_per", "per_sec", "speedup", "seconds", "elapsed", "device", "notes", "config", "loops")
+
+
+def _with_worker_threads(evaluate, *args, **kwargs):
+    """``evaluate`` in this process with the thread count of each of 2 workers (engine.launch)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        return evaluate(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _numbers(value, path=""):
@@ -67,12 +77,7 @@ def test_two_gloo_processes_give_the_numbers_of_one(pairs_test, teacher_sr, stud
     one = tiny_config(**settings)
     two = tiny_config(**settings, distributed={"nproc_per_node": 2, "backend": "gloo", "timeout_s": 300})
     kwargs = {"fid_reference": references["fid"], "classifier": references["classifier"], "progress": False}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # what each of the 2 workers uses
-    try:
-        single = run_evaluation(pairs_test, teacher_sr, student_sr, one, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
+    single = _with_worker_threads(run_evaluation, pairs_test, teacher_sr, student_sr, one, **kwargs)
     spread = run_evaluation(pairs_test, teacher_sr, student_sr, two, **kwargs)
 
     for label, images in single.samples.items():
@@ -86,3 +91,19 @@ def test_two_gloo_processes_give_the_numbers_of_one(pairs_test, teacher_sr, stud
             assert got[path] == value, path
     assert np.isfinite(spread.report["records"][0]["fid"])
     assert any("2 processes" in note for note in spread.report["notes"])
+
+
+def test_the_teacher_evaluation_of_two_gloo_processes_is_the_one_of_one(pairs_test, teacher_sr, references):
+    # 6 images in batches of 4 at NFE 1: rank 0 restores images 0-3, rank 1 images 4-5
+    settings = {"num_images": 6, "teacher_nfe": [1], "fid": {"batch_size": 4}}
+    one = tiny_config(**settings)
+    two = tiny_config(**settings, distributed={"nproc_per_node": 2, "backend": "gloo", "timeout_s": 300})
+    kwargs = {"fid_reference": references["fid"], "classifier": references["classifier"], "progress": False}
+    single = _with_worker_threads(evaluate_teacher, pairs_test, teacher_sr, one, **kwargs)
+    spread = evaluate_teacher(pairs_test, teacher_sr, two, **kwargs)
+
+    assert spread.keys() == single.keys() and spread["key"] == single["key"]  # reusable by either
+    for name, value in single.items():
+        if isinstance(value, torch.Tensor):
+            assert spread[name].shape == value.shape, name
+            torch.testing.assert_close(spread[name], value, rtol=RTOL, atol=RTOL, msg=name)
