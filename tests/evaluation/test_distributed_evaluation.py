@@ -24,7 +24,7 @@ from evaluation_fakes import tiny_config
 from numerics import sum_rtol
 
 from ibmd_pipeline.engine.distributed import DistContext
-from ibmd_pipeline.evaluation import evaluate_teacher, run_evaluation, shard_batches
+from ibmd_pipeline.evaluation import ModelRun, evaluate_teacher, restore_images, run_evaluation, shard_batches
 
 # Inception v3: 3x3 convolutions over 448 channels (Mixed_7b/7c), 4032 terms, are its longest dot
 # products; its deepest path has fewer than 48 convolutions.
@@ -69,6 +69,17 @@ def test_ranks_take_every_nth_whole_batch_and_cover_each_image_once():
         [(4, 6), (10, 11)],
     ]
     assert shard_batches(11, 20, world[2]) == []  # a rank without a batch measures nothing
+
+
+def test_a_batch_draws_the_same_noise_whichever_batches_were_restored_before_it():
+    run = ModelRun("noise", 1, lambda xT, mask, generator: xT + torch.randn(xT.shape, generator=generator))
+    xT = torch.zeros(11, 1, 4, 4)
+    every = restore_images(run, xT, None, batch_size=2, seed=5)
+    ctx = DistContext(1, 1, 2, torch.device("cpu"), False)
+    parts = shard_batches(11, 2, ctx)  # images 2-3, 6-7 and 10
+    alone = restore_images(run, xT, None, batch_size=2, seed=5, parts=parts)
+    assert torch.equal(alone, torch.cat([every[p] for p in parts]))
+    assert not torch.equal(every[0:2], every[2:4])  # and each batch has its own noise
 
 
 def test_two_gloo_processes_give_the_numbers_of_one(pairs_test, teacher_sr, student_sr, references):
