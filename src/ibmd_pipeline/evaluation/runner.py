@@ -542,8 +542,8 @@ def _notes(setup: EvaluationSetup, versions: Checkpoints, world_size: int = 1) -
     notes = []
     if world_size > 1:
         notes.append(
-            f"restored and measured on {world_size} processes (every {world_size}th sampling batch "
-            "each); timed on rank 0 alone"
+            f"restored and measured on {world_size} processes (rank r: sampling batches r, "
+            f"r + {world_size}, ...); timed on rank 0 alone"
         )
     if (
         versions["teacher_of_student"] is not None
