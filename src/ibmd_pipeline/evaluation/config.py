@@ -213,9 +213,11 @@ class EvaluateConfig:
     teacher_modes: further teacher samplers, each run at every ``teacher_nfe`` as its own rows
         (``teacher_<mode>@<nfe>``), e.g. ``[deterministic]`` for DDBM's DBIM baseline.
     seed, num_seeds: every model restores every image once per sampler seed ``seed``, ...,
-        ``seed + num_seeds - 1``, each with a fresh generator: a re-run reproduces every sample
-        and all models see the same noise streams.
-    batch_size: images per sampling call (and per LPIPS / classifier call).
+        ``seed + num_seeds - 1``, each sampling batch with a fresh generator seeded from the seed
+        and the batch's first image: a re-run reproduces every sample, all models see the same
+        noise, and so do any number of processes.
+    batch_size: images per sampling call (and per LPIPS / classifier call); it sets which images
+        share a generator, so a changed batch size changes the draws.
     use_ema: evaluate the EMA weights of teacher and student (as the paper does).
     grid_rows: examples shown in the sample grid.
     distributed: processes that restore and measure the images together
