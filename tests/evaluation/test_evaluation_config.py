@@ -27,6 +27,7 @@ def test_defaults_are_the_documented_evaluation():
     assert config.seeds == (0,) and config.draw_seeds == (0, 1, 2, 3) and config.closeness_nfe == 100
     assert config.bootstrap.resamples == 300 and config.bootstrap.confidence == 0.95
     assert config.teacher_modes == () and config.teacher_max_images == {}
+    assert config.distributed.nproc_per_node == 1  # one process unless asked
     # round trip through the plain dict stored in the report
     assert parse_evaluate_config(config_to_dict(config)) == config
 
@@ -85,6 +86,8 @@ def test_slow_nfe_caps_take_integer_keys_from_yaml_and_strings_from_json():
         ({"speed": {"threads": -1}}, "evaluate.speed.threads", ">= 0"),
         ({"lpips": {"net": "vgg"}}, "evaluate.lpips.net", "allowed keys: enabled, min_size"),
         ({"images": 10}, "evaluate.images", "unknown setting"),
+        ({"distributed": {"nproc_per_node": 0}}, "evaluate.distributed.nproc_per_node", ">= 1"),
+        ({"distributed": {"backend": "mpi"}}, "evaluate.distributed.backend", "allowed values"),
     ],
 )
 def test_bad_values_fail_naming_the_key(settings, key, message):

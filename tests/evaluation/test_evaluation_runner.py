@@ -18,6 +18,7 @@ from ibmd_pipeline.evaluation import (
     MetricSuite,
     ModelRun,
     StaleReferenceError,
+    batch_seed,
     check_report,
     compute_fid_reference,
     evaluate_teacher,
@@ -476,7 +477,9 @@ def test_restore_images_batches_and_rejects_non_finite_output(pairs_test):
     images = restore_images(run, pairs_test["corrupted"], None, batch_size=5, seed=3)
     assert [b[0].shape[0] for b in restore.batches] == [5, 5, 2]
     assert images.shape == pairs_test["corrupted"].shape
-    assert {b[1] for b in restore.batches} == {3}
+    # one generator per batch: seed 3 for the batch of image 0, then one per first image index
+    assert [b[1] for b in restore.batches] == [batch_seed(3, 0), batch_seed(3, 5), batch_seed(3, 10)]
+    assert batch_seed(3, 0) == 3 and len({batch_seed(s, i) for s in range(4) for i in (0, 5, 10)}) == 12
     with pytest.raises(FloatingPointError, match="student@1 produced non-finite"):
         restore_images(
             ModelRun("student", 1, CountingRun(float("nan"))),

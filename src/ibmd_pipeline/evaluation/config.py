@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ibmd_pipeline.engine.config import parse_config, require
+from ibmd_pipeline.engine.distributed import DistributedConfig
 from ibmd_pipeline.metrics.classifier import ClassifierConfig
 
 __all__ = [
@@ -213,11 +214,17 @@ class EvaluateConfig:
     teacher_modes: further teacher samplers, each run at every ``teacher_nfe`` as its own rows
         (``teacher_<mode>@<nfe>``), e.g. ``[deterministic]`` for DDBM's DBIM baseline.
     seed, num_seeds: every model restores every image once per sampler seed ``seed``, ...,
-        ``seed + num_seeds - 1``, each with a fresh generator: a re-run reproduces every sample
-        and all models see the same noise streams.
-    batch_size: images per sampling call (and per LPIPS / classifier call).
+        ``seed + num_seeds - 1``, each sampling batch with a fresh generator seeded from the seed
+        and the batch's first image: a re-run reproduces every sample, all models see the same
+        noise, and so do any number of processes.
+    batch_size: images per sampling call (and per LPIPS / classifier call); it sets which images
+        share a generator, so a changed batch size changes the draws.
     use_ema: evaluate the EMA weights of teacher and student (as the paper does).
     grid_rows: examples shown in the sample grid.
+    distributed: processes that restore and measure the images together
+        (``nproc_per_node`` local workers, or the processes of ``torchrun``/``srun``): each takes
+        every ``world_size``-th sampling batch, and rank 0 gathers the per-image values and
+        features and writes the report, which equals one process's up to float rounding.
     """
 
     num_images: int = 300
@@ -238,6 +245,7 @@ class EvaluateConfig:
     closeness: ClosenessSettings = field(default_factory=ClosenessSettings)
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
     speed: SpeedSettings = field(default_factory=SpeedSettings)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         # NFE keys arrive as integers from YAML and as strings from a report's JSON.

@@ -7,11 +7,17 @@ closeness to the reference teacher. Every number of the report (means, FID, KID,
 verdicts) is computed from these in :mod:`ibmd_pipeline.evaluation.summary`, so a cached
 measurement (the teacher's, :func:`measurements_to_bundle`) gives the same report as a fresh one.
 
-Common random numbers: every model restores image ``i`` at seed ``s`` from the same input and a
-generator seeded with ``s`` (batches in the same order), so differences between models come
-from the models, not from the draws. For inpainting, the hole of xT is refilled with N(0, I)
-noise drawn from seed ``s`` too: the fill is part of xT's randomness, and the only randomness
-of a model without z (I2SB inpainting, OT-ODE), as in the distillation's validation.
+Common random numbers: every model restores image ``i`` at seed ``s`` from the same input and
+the same noise, so differences between models come from the models, not from the draws. Each
+sampling batch (``batch_size`` consecutive images) draws from its own generator, seeded with
+``s`` for the batch of image 0 and with a seed derived from ``s`` and the batch's first image
+index for the others (:func:`batch_seed`): the noise of an image depends on its index and the
+batch size, never on which batches were restored before it. That is what lets a distributed
+evaluation restore whole batches on different ranks and still give the numbers of one process
+(:func:`measure_run` with a :class:`~ibmd_pipeline.engine.distributed.DistContext`). For
+inpainting, the hole of xT is refilled with N(0, I) noise drawn from seed ``s`` too: the fill
+is part of xT's randomness, and the only randomness of a model without z (I2SB inpainting,
+OT-ODE), as in the distillation's validation.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from ibmd_pipeline.degradations.config import TaskConfig
 from ibmd_pipeline.distill.student import LoadedStudent
 from ibmd_pipeline.distill.validation import energy_distance
 from ibmd_pipeline.engine.config import ConfigError, parse_config
+from ibmd_pipeline.engine.distributed import DistContext, gather_objects
 from ibmd_pipeline.evaluation.config import EvaluateConfig
 from ibmd_pipeline.evaluation.references import build_fid_scorer, build_lpips_scorer
 from ibmd_pipeline.metrics.classifier import (
@@ -58,6 +65,7 @@ __all__ = [
     "RunMeasurement",
     "RunPlan",
     "add_closeness",
+    "batch_seed",
     "measure_corrupted",
     "measure_run",
     "measurements_from_bundle",
@@ -66,6 +74,7 @@ __all__ = [
     "resolve_student_nfe",
     "restore_images",
     "seeded_inputs",
+    "shard_batches",
     "student_runs",
     "teacher_runs",
 ]
@@ -84,6 +93,10 @@ PER_IMAGE_METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "correct", "consi
 CORRUPTED = "corrupted_input"
 # Seed offset of the inpainting hole's fill, so that it is not the sampler's noise stream.
 _FILL_SEED_OFFSET = 7919
+# Seed stride between sampling batches (the 64-bit golden ratio, as between ranks in
+# engine.distributed): batch seeds stay apart from the small sampler seeds seed, seed + 1, ...
+_BATCH_SEED_STRIDE = 0x9E3779B97F4A7C15
+_SEED_MODULUS = 2**63
 
 Restore = Callable[[Tensor, Tensor | None, torch.Generator], Tensor]
 
@@ -159,6 +172,21 @@ def _batches(count: int, batch_size: int) -> list[slice]:
     return [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
 
 
+def batch_seed(seed: int, start: int) -> int:
+    """The generator seed of the sampling batch whose first image is ``start`` at sampler seed
+    ``seed``: ``seed`` itself for the first batch, a seed ``_BATCH_SEED_STRIDE`` apart per image
+    index for the others."""
+    return seed if start == 0 else (seed + start * _BATCH_SEED_STRIDE) % _SEED_MODULUS
+
+
+def shard_batches(count: int, batch_size: int, ctx: DistContext | None = None) -> list[slice]:
+    """This rank's sampling batches of ``count`` images: every ``world_size``-th batch, starting
+    at its rank (all of them in one process). Whole batches, so a batch's noise and composition
+    do not depend on the world size."""
+    parts = _batches(count, batch_size)
+    return parts if ctx is None else parts[ctx.rank :: ctx.world_size]
+
+
 @torch.no_grad()
 def restore_images(
     run: ModelRun,
@@ -169,18 +197,25 @@ def restore_images(
     seed: int,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    parts: Sequence[slice] | None = None,
 ) -> Tensor:
-    """Restore every image of ``xT`` with ``run`` in batches; one generator seeded with ``seed``
-    drives all of them. Returns float32 on the CPU; non-finite output is an error."""
+    """Restore the images of ``xT`` with ``run`` in batches of ``batch_size``, each batch with a
+    generator seeded with :func:`batch_seed`; ``parts``: only these batches (of
+    :func:`shard_batches`), concatenated in order. Returns float32 on the CPU; non-finite output
+    is an error."""
     device = torch.device(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    parts = _batches(xT.shape[0], batch_size) if parts is None else list(parts)
     outputs = []
-    bar = tqdm(total=xT.shape[0], desc=f"restore {run.label} (seed {seed})", unit="img", disable=not progress)
-    for part in _batches(xT.shape[0], batch_size):
+    total = sum(part.stop - part.start for part in parts)
+    bar = tqdm(total=total, desc=f"restore {run.label} (seed {seed})", unit="img", disable=not progress)
+    for part in parts:
+        generator = torch.Generator(device=device).manual_seed(batch_seed(seed, part.start))
         batch_mask = None if mask is None else mask[part].to(device, torch.float32)
         outputs.append(run.restore(xT[part].to(device, torch.float32), batch_mask, generator).float().cpu())
         bar.update(part.stop - part.start)
     bar.close()
+    if not outputs:
+        return xT[:0].float()
     restored = torch.cat(outputs)
     if not torch.isfinite(restored).all():
         raise FloatingPointError(f"{run.label} produced non-finite images; the checkpoint is unusable")
@@ -427,6 +462,63 @@ def plan_run(
     )
 
 
+def _in_order(pieces: Sequence[tuple[np.ndarray, Any]]) -> Any:
+    """The rows of every rank's ``(image indices, rows)`` piece, in image order (numpy arrays
+    stay numpy, tensors stay tensors); None when no rank has any."""
+    pieces = [(index, rows) for index, rows in pieces if rows is not None and len(index)]
+    if not pieces:
+        return None
+    if len(pieces) == 1:
+        return pieces[0][1]
+    order = np.argsort(np.concatenate([index for index, _ in pieces]), kind="stable")
+    if isinstance(pieces[0][1], Tensor):
+        return torch.cat([rows for _, rows in pieces])[torch.from_numpy(order)]
+    return np.concatenate([rows for _, rows in pieces])[order]
+
+
+def _measure_shard(
+    restored: Tensor,
+    index: np.ndarray,
+    inputs: Tensor,
+    mask: Tensor | None,
+    data: EvaluatedImages,
+    plan: RunPlan,
+    suite: MetricSuite,
+    seed: int,
+) -> dict[str, tuple[np.ndarray, Any]]:
+    """This rank's share of one seed: ``{name: (image indices, rows)}`` for the per-image values,
+    classifier and Inception features, grid samples and closeness draws of its restored images."""
+
+    def first(limit: int) -> tuple[np.ndarray, Tensor]:
+        keep = index < limit
+        return index[keep], torch.from_numpy(keep)
+
+    shard: dict[str, tuple[np.ndarray, Any]] = {}
+    if seed in plan.seeds:
+        rows, keep = first(plan.images)
+        if len(rows):
+            where = torch.from_numpy(rows)
+            labels = None if data.labels is None else data.labels[where]
+            values, features = suite.per_image(
+                restored[keep],
+                data.clean[where],
+                inputs[where],
+                None if mask is None else mask[where],
+                labels,
+            )
+            shard.update({f"per_image:{metric}": (rows, array) for metric, array in values.items()})
+            shard["classifier_features"] = (rows, features)
+        rows, keep = first(plan.inception_images)
+        if suite.fid is not None and plan.seeds.index(seed) < plan.inception_seeds and len(rows):
+            shard["inception_features"] = (rows, suite.fid.features(restored[keep]))
+        rows, keep = first(plan.rows)
+        shard["samples"] = (rows, restored[keep].clone())
+    if seed in plan.draw_seeds:
+        rows, keep = first(plan.closeness_images)
+        shard["draws"] = (rows, restored[keep].clone())
+    return shard
+
+
 def measure_run(
     run: ModelRun,
     data: EvaluatedImages,
@@ -435,9 +527,15 @@ def measure_run(
     *,
     batch_size: int,
     progress: bool = False,
+    ctx: DistContext | None = None,
 ) -> RunMeasurement:
-    """Restore the evaluated images with ``run`` at every seed of ``plan`` and measure them."""
-    n = plan.images
+    """Restore the evaluated images with ``run`` at every seed of ``plan`` and measure them.
+
+    With ``ctx`` of a world of several processes, every rank restores and measures its own
+    batches (:func:`shard_batches`) and the per-image values, features, samples and draws are
+    gathered, in image order, on every rank: the same measurement as one process, up to the
+    float rounding of features computed in other batch compositions."""
+    distributed = ctx is not None and ctx.distributed
     per_seed: dict[str, list[np.ndarray]] = {}
     classifier_features, inception_features, draws = [], [], []
     samples = None
@@ -445,24 +543,33 @@ def measure_run(
         count = plan.count_at(seed)
         mask = None if data.mask is None else data.mask[:count]
         inputs = seeded_inputs(data.corrupted[:count], mask, seed)
+        parts = shard_batches(count, batch_size, ctx if distributed else None)
+        index = np.concatenate([np.arange(p.start, p.stop) for p in parts] or [np.zeros(0, np.int64)])
         restored = restore_images(
-            run, inputs, mask, batch_size=batch_size, seed=seed, device=suite.device, progress=progress
+            run,
+            inputs,
+            mask,
+            batch_size=batch_size,
+            seed=seed,
+            device=suite.device,
+            progress=progress,
+            parts=parts,
         )
-        if seed in plan.seeds:
-            labels = None if data.labels is None else data.labels[:n]
-            values, features = suite.per_image(
-                restored[:n], data.clean[:n], inputs[:n], None if mask is None else mask[:n], labels
-            )
-            for metric, array in values.items():
-                per_seed.setdefault(metric, []).append(array)
-            if features is not None:
-                classifier_features.append(features)
-            if suite.fid is not None and plan.seeds.index(seed) < plan.inception_seeds:
-                inception_features.append(suite.fid.features(restored[: plan.inception_images]))
-            if samples is None:
-                samples = restored[: plan.rows].clone()
-        if seed in plan.draw_seeds:
-            draws.append(restored[: plan.closeness_images].clone())
+        shard = _measure_shard(restored, index, inputs, mask, data, plan, suite, seed)
+        shards = gather_objects(shard, ctx) if distributed else [shard]
+        names = dict.fromkeys(name for s in shards for name in s)
+        gathered = {name: _in_order([s[name] for s in shards if name in s]) for name in names}
+        for name, rows in gathered.items():
+            if name.startswith("per_image:") and rows is not None:
+                per_seed.setdefault(name.split(":", 1)[1], []).append(rows)
+        if gathered.get("classifier_features") is not None:
+            classifier_features.append(gathered["classifier_features"])
+        if gathered.get("inception_features") is not None:
+            inception_features.append(gathered["inception_features"])
+        if samples is None and "samples" in gathered:
+            samples = gathered["samples"]
+        if gathered.get("draws") is not None:
+            draws.append(gathered["draws"])
     return RunMeasurement(
         label=run.label,
         model=run.model,

@@ -17,6 +17,13 @@ An evaluation has four parts:
    intervals (:mod:`ibmd_pipeline.evaluation.summary`), and the speed of every model, timed
    together at the end in interleaved rounds (:func:`time_models`).
 
+Distributed evaluation (``evaluate.distributed``, as :func:`~ibmd_pipeline.engine.launch.launch_mode`
+decides: ``nproc_per_node`` local workers, or the processes of ``torchrun``/``srun``): every rank
+loads the setup, restores and measures its own sampling batches of every run, and the per-image
+values, features, samples and draws are gathered (:func:`~ibmd_pipeline.evaluation.measure.measure_run`);
+rank 0 then times the models and builds the report exactly as one process does, and only it
+returns a result (the other ranks return None).
+
 PSNR is capped at :data:`PSNR_CAP_DB` per image: identical images have an infinite PSNR, which
 standard JSON cannot hold. A metric that is disabled or cannot be measured is ``null`` and
 ``reasons`` says why; the report never holds NaN or infinity.
@@ -38,6 +45,8 @@ from torch import Tensor
 from ibmd_pipeline.degradations.config import TaskConfig
 from ibmd_pipeline.distill.student import LoadedStudent, student_from_checkpoint
 from ibmd_pipeline.engine.config import config_to_dict, parse_config
+from ibmd_pipeline.engine.distributed import DistContext
+from ibmd_pipeline.engine.launch import launch_mode, run_data_parallel
 from ibmd_pipeline.evaluation.config import EvaluateConfig, speed_baseline_nfe
 from ibmd_pipeline.evaluation.measure import (
     CORRUPTED,
@@ -277,6 +286,7 @@ def teacher_evaluation_key(setup: EvaluationSetup) -> dict[str, Any]:
             "batch_size": config.batch_size,
             "use_ema": config.use_ema,
             "grid_rows": config.grid_rows,
+            "noise": "one generator per sampling batch (measure.batch_seed)",
             "fid": {k: v for k, v in config_to_dict(config.fid).items() if k != "batch_size"},
             "lpips": config_to_dict(config.lpips),
             "closeness": {**config_to_dict(config.closeness), "teacher_nfe": config.closeness_nfe},
@@ -284,8 +294,11 @@ def teacher_evaluation_key(setup: EvaluationSetup) -> dict[str, Any]:
     }
 
 
-def _measure_teacher(setup: EvaluationSetup, progress: bool) -> tuple[list[RunMeasurement], dict[str, float]]:
-    """The corrupted input and every teacher run, measured; closeness against the reference run."""
+def _measure_teacher(
+    setup: EvaluationSetup, progress: bool, ctx: DistContext | None = None
+) -> tuple[list[RunMeasurement], dict[str, float]]:
+    """The corrupted input and every teacher run, measured (each run's batches shared among the
+    ranks of ``ctx``); closeness against the reference run."""
     config, data = setup.config, setup.data
     elapsed: dict[str, float] = {}
     tick = time.perf_counter()
@@ -298,7 +311,9 @@ def _measure_teacher(setup: EvaluationSetup, progress: bool) -> tuple[list[RunMe
             "teacher evaluation: %s on %d images at seeds %s", run.label, plan.images, list(plan.seeds)
         )
         measurements.append(
-            measure_run(run, data, plan, setup.suite, batch_size=config.batch_size, progress=progress)
+            measure_run(
+                run, data, plan, setup.suite, batch_size=config.batch_size, progress=progress, ctx=ctx
+            )
         )
         elapsed[run.label] = time.perf_counter() - tick
     by_label = {m.label: m for m in measurements}
@@ -321,9 +336,31 @@ def evaluate_teacher(
     device: torch.device | str = "cpu",
     progress: bool = True,
     suite: MetricSuite | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """The teacher's evaluation as a catalog bundle (``teacher_evaluation``): the measurements of
-    the corrupted input and of the teacher at every NFE and sampler mode, with their key."""
+    the corrupted input and of the teacher at every NFE and sampler mode, with their key.
+
+    On several processes (``evaluate.distributed``, module docstring) rank 0's bundle comes back;
+    ranks other than 0 of a launcher's job get None."""
+    args = (pairs_test, teacher_checkpoint, fid_reference, classifier, progress, suite)
+    if launch_mode(config.distributed) == "in_process":
+        return _evaluate_teacher_on_rank(DistContext.single_process(device), config, *args)
+    return run_data_parallel(
+        _evaluate_teacher_on_rank, config, *args, device=device, key="evaluate.distributed"
+    )
+
+
+def _evaluate_teacher_on_rank(
+    ctx: DistContext,
+    config: EvaluateConfig,
+    pairs_test: Mapping[str, Any],
+    teacher_checkpoint: Mapping[str, Any],
+    fid_reference: Mapping[str, Any] | None,
+    classifier: Mapping[str, Any] | None,
+    progress: bool,
+    suite: MetricSuite | None,
+) -> dict[str, Any] | None:
+    progress = progress and ctx.is_main
     setup = prepare_evaluation(
         pairs_test,
         teacher_checkpoint,
@@ -331,11 +368,13 @@ def evaluate_teacher(
         config,
         fid_reference=fid_reference,
         classifier=classifier,
-        device=device,
+        device=ctx.device,
         progress=progress,
         suite=suite,
     )
-    measurements, elapsed = _measure_teacher(setup, progress)
+    measurements, elapsed = _measure_teacher(setup, progress, ctx)
+    if not ctx.is_main:
+        return None
     meta = {
         "kind": TEACHER_EVALUATION_KIND,
         "key": teacher_evaluation_key(setup),
@@ -358,15 +397,25 @@ def _cached_teacher(
 
 
 def score_students(
-    setup: EvaluationSetup, reference: RunMeasurement | None, progress: bool = True
+    setup: EvaluationSetup,
+    reference: RunMeasurement | None,
+    progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> tuple[list[RunMeasurement], dict[str, float]]:
-    """Measure the student at every evaluated NFE; closeness against the reference teacher run."""
+    """Measure the student at every evaluated NFE (its batches shared among the ranks of
+    ``ctx``); closeness against the reference teacher run."""
     measurements, elapsed = [], {}
     for run in setup.student_runs():
         tick = time.perf_counter()
         plan = plan_run(setup.config, setup.data.count)
         measurement = measure_run(
-            run, setup.data, plan, setup.suite, batch_size=setup.config.batch_size, progress=progress
+            run,
+            setup.data,
+            plan,
+            setup.suite,
+            batch_size=setup.config.batch_size,
+            progress=progress,
+            ctx=ctx,
         )
         if reference is not None:
             add_closeness(measurement, reference)
@@ -494,9 +543,15 @@ def _with_speedups(records: list[MetricRecord]) -> None:
             }
 
 
-def _notes(setup: EvaluationSetup, versions: Checkpoints) -> list[str]:
-    """What a reader should know: a student of another teacher, FID statistics of other weights."""
+def _notes(setup: EvaluationSetup, versions: Checkpoints, world_size: int = 1) -> list[str]:
+    """What a reader should know: a student of another teacher, FID statistics of other weights,
+    images restored on several processes."""
     notes = []
+    if world_size > 1:
+        notes.append(
+            f"restored and measured on {world_size} processes (rank r: sampling batches r, "
+            f"r + {world_size}, ...); timed on rank 0 alone"
+        )
     if (
         versions["teacher_of_student"] is not None
         and versions["teacher"] is not None
@@ -556,7 +611,7 @@ class Scoring:
 
 
 def build_report(
-    setup: EvaluationSetup, scoring: Scoring, elapsed_speed: float, started: float
+    setup: EvaluationSetup, scoring: Scoring, elapsed_speed: float, started: float, world_size: int = 1
 ) -> EvaluationReport:
     """The report of one evaluation, checked against its declaration and to be standard JSON."""
     tick = time.perf_counter()
@@ -676,7 +731,7 @@ def build_report(
             },
         ),
         psnr_cap_db=PSNR_CAP_DB,
-        notes=_notes(setup, versions),
+        notes=_notes(setup, versions, world_size),
         elapsed_seconds=ElapsedSeconds(
             restore=scoring.elapsed,
             metrics={"summary": summary_seconds},
@@ -702,7 +757,7 @@ def run_evaluation(
     progress: bool = True,
     suite: MetricSuite | None = None,
     teacher_evaluation: Mapping[str, Any] | None = None,
-) -> EvaluationResult:
+) -> EvaluationResult | None:
     """Evaluate teacher and student on the first ``num_images`` test images at every seed.
 
     Before any sampling (:func:`prepare_evaluation`): both checkpoints are checked against the
@@ -713,7 +768,50 @@ def run_evaluation(
     (:class:`~ibmd_pipeline.evaluation.references.StaleReferenceError`) and the metric weights
     (:class:`~ibmd_pipeline.metrics.weights.WeightsUnavailableError`). Without a cached teacher
     evaluation the teacher is measured here. ``suite`` replaces the metric networks (tests).
+
+    On several processes (``evaluate.distributed``, module docstring) the images are restored
+    and measured by all of them and rank 0's result comes back; ranks other than 0 of a
+    launcher's job get None.
     """
+    args = (
+        pairs_test,
+        teacher_checkpoint,
+        student_checkpoint,
+        fid_reference,
+        classifier,
+        dataset,
+        progress,
+        suite,
+        teacher_evaluation,
+    )
+    if launch_mode(config.distributed) == "in_process":
+        return _evaluate_on_rank(DistContext.single_process(device), config, *args)
+    payload = run_data_parallel(_evaluation_payload, config, *args, device=device, key="evaluate.distributed")
+    return None if payload is None else EvaluationResult(report=payload["report"], samples=payload["samples"])
+
+
+def _evaluation_payload(ctx: DistContext, config: EvaluateConfig, *args: Any) -> dict[str, Any] | None:
+    """:func:`_evaluate_on_rank` as tensors and plain values (what a spawned worker returns)."""
+    result = _evaluate_on_rank(ctx, config, *args)
+    return None if result is None else {"report": result.report, "samples": result.samples}
+
+
+def _evaluate_on_rank(
+    ctx: DistContext,
+    config: EvaluateConfig,
+    pairs_test: Mapping[str, Any],
+    teacher_checkpoint: Mapping[str, Any],
+    student_checkpoint: Mapping[str, Any],
+    fid_reference: Mapping[str, Any] | None,
+    classifier: Mapping[str, Any] | None,
+    dataset: str,
+    progress: bool,
+    suite: MetricSuite | None,
+    teacher_evaluation: Mapping[str, Any] | None,
+) -> EvaluationResult | None:
+    """One rank's part of :func:`run_evaluation`: all ranks restore and measure, rank 0 times
+    the models and reports."""
+    progress = progress and ctx.is_main
     started = time.perf_counter()
     setup = prepare_evaluation(
         pairs_test,
@@ -722,7 +820,7 @@ def run_evaluation(
         config,
         fid_reference=fid_reference,
         classifier=classifier,
-        device=device,
+        device=ctx.device,
         dataset=dataset,
         progress=progress,
         suite=suite,
@@ -731,16 +829,18 @@ def run_evaluation(
         measured, elapsed = _cached_teacher(setup, teacher_evaluation)
         version = teacher_evaluation.get("catalog_version")
     else:
-        measured, elapsed = _measure_teacher(setup, progress)
+        measured, elapsed = _measure_teacher(setup, progress, ctx)
         version = None
     corrupted, teachers = measured[0], measured[1:]
     reference = next((m for m in teachers if m.label == setup.closeness_label and m.draws is not None), None)
-    students, student_elapsed = score_students(setup, reference, progress)
+    students, student_elapsed = score_students(setup, reference, progress, ctx)
+    if not ctx.is_main:
+        return None
     tick = time.perf_counter()
     timings = time_models(setup, setup.teacher_runs() + setup.student_runs())
     elapsed_speed = time.perf_counter() - tick
     scoring = Scoring(corrupted, teachers, students, timings, {**elapsed, **student_elapsed}, version)
-    report = build_report(setup, scoring, elapsed_speed, started)
+    report = build_report(setup, scoring, elapsed_speed, started, ctx.world_size)
     samples = _samples(setup, scoring)
     report["grid_columns"] = [title for title, _ in grid_columns(report, samples)]
     check_report(report)
