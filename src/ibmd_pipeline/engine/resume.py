@@ -276,6 +276,12 @@ def _check_resizable(
     fixed = state.config.global_batch_size
     if fixed is not None and stored.get("global_batch_size") == fixed:
         return
+    if stored.get("global_batch_size") is not None:
+        raise ResumeMismatchError(
+            f"{source} was written with train.global_batch_size {stored['global_batch_size']}, this run "
+            f"has {fixed}: set train.global_batch_size: {stored['global_batch_size']} to resume it "
+            "(on any process count that divides it), or delete the file to start afresh."
+        )
     per_rank = stored.get("batch_size")
     was = f" of {per_rank * saved} images (train.batch_size {per_rank} x {saved})" if per_rank else ""
     raise ResumeMismatchError(

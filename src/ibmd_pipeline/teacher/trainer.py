@@ -9,7 +9,11 @@ conditional (DDBM) network also sees ``xT``; for inpainting the error is taken o
 (``engine.launch.run_data_parallel`` decides); every process runs the same training function:
 the configured batch is per rank, each rank reads its shard of every global batch, gradients are
 averaged by DDP, logged losses are averaged over ranks, and only rank 0 validates, shows
-progress and exports. The loop itself (AdamW, EMA, clipping, LR warm-up and schedule, NaN guard,
+progress and exports. With ``train.global_batch_size`` the global batch is fixed instead: each
+rank feeds its shard in micro-batches of ``batch_size`` (gradient accumulation), and the times
+and noise of a step are drawn for the whole global batch from the step's own generator
+(:class:`GlobalDraws`), so every split of the batch over processes and micro-batches trains
+the same step. The loop itself (AdamW, EMA, clipping, LR warm-up and schedule, NaN guard,
 atomic resumable working checkpoints, one per run however many ranks) is
 ``engine.loop.run_training``.
 
@@ -364,7 +368,8 @@ def train_teacher(
     With ``workdir`` set, a working checkpoint is written every ``train.checkpoint_every``
     steps and at the end (by rank 0 only, one file for all ranks), and an interrupted run
     re-started with the same settings, data and number of processes continues from it, bit for
-    bit on the CPU.
+    bit on the CPU. With ``train.global_batch_size`` it also continues on another number of
+    processes that divides the global batch, equal up to float rounding (``engine.resume``).
     """
     return run_data_parallel(
         _train_teacher_rank, config, train_bundle, val_bundle, task, progress,
@@ -381,6 +386,8 @@ def _train_teacher_rank(
     progress: bool,
 ) -> tuple[dict[str, Any], History]:
     """This process's part of :func:`train_teacher`, at its place ``ctx`` in the job."""
+    # Before any work: the global batch must split over this many processes.
+    batches = plan_batches(config.train, ctx.world_size, key="teacher.train")
     device = ctx.device
     task_config = task_from_params(task)
     if is_streamed(train_bundle):
@@ -403,8 +410,6 @@ def _train_teacher_rank(
     schedule, resolved = plan.schedule, plan.resolved
     use_bf16 = config.autocast_bf16(device)
 
-    # Before any work: the global batch must split over this many processes.
-    batches = plan_batches(config.train, ctx.world_size, key="teacher.train")
     if ctx.is_main:
         logger.info(
             "teacher for %s: %s bridge, %s network, %d training pairs, %s%s, global batch %d = "
