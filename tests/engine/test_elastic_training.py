@@ -5,6 +5,9 @@ Every run here fixes ``train.global_batch_size: 8`` (16x16 gray images, float64,
 - *full*: 1 process, ``batch_size`` 8, one micro-batch per update;
 - *accumulated*: 1 process, ``batch_size`` 4, two micro-batches per update;
 - *ddp*: 2 processes, ``batch_size`` 4, one micro-batch each;
+- *ddp accumulated*: 2 processes, ``batch_size`` 2, two micro-batches each (the first in DDP's
+  ``no_sync``: a comm hook counts one gradient all-reduce per bucket and update, as without
+  accumulation);
 - *resumed*: the 2-process run killed after its step-2 working checkpoint and finished by 1 process
   accumulating 2 micro-batches.
 
@@ -40,6 +43,8 @@ from test_ddp_training import (
     weight_atol,
 )
 from test_grad_accumulation import ACCUMULATION_FAULTS
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
 
 import ibmd_pipeline.distill.trainer as distill_trainer
 import ibmd_pipeline.teacher.trainer as teacher_trainer
@@ -97,6 +102,27 @@ def _killed(module: Any, updates: int, run: Callable[[], Any]) -> None:
         module.accumulated_update = original
 
 
+def _counting_all_reduces(module: Any, run: Callable[[], Any]) -> tuple[Any, int]:
+    """``run()`` with every DDP wrapper ``module`` builds counting its bucket all-reduces."""
+    original, calls = module.wrap_ddp, []
+
+    def counted(state, bucket):  # unannotated: DDP checks real annotations, not strings
+        calls.append(None)
+        return allreduce_hook(state, bucket)
+
+    def wrap(network, ctx, **options):
+        wrapped = original(network, ctx, **options)
+        if isinstance(wrapped, DistributedDataParallel):
+            wrapped.register_comm_hook(None, counted)
+        return wrapped
+
+    module.wrap_ddp = wrap
+    try:
+        return run(), len(calls)
+    finally:
+        module.wrap_ddp = original
+
+
 def _elastic_worker(configs: dict[str, Any], data: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
     """Every 2-process run, in order (module level: spawned workers import it)."""
     torch.set_default_dtype(PARITY_DTYPE)
@@ -111,7 +137,12 @@ def _elastic_worker(configs: dict[str, Any], data: dict[str, Any], teacher: dict
             corrupted, teacher, config, task_kind=TASK["kind"], device="cpu", progress=False
         )
 
-    results = {"teacher": train(configs["teacher"]), "distill": distill(configs["distill"])}
+    results: dict[str, Any] = {}
+    for stage, module, run in (("teacher", teacher_trainer, train), ("distill", distill_trainer, distill)):
+        for name in (stage, f"{stage}_accumulated"):
+            results[name], results[f"{name}_all_reduces"] = _counting_all_reduces(
+                module, lambda run=run, name=name: run(configs[name])
+            )
     _killed(teacher_trainer, CHECKPOINT_EVERY, lambda: train(configs["teacher_killed"]))
     _killed(distill_trainer, CHECKPOINT_EVERY * (AUX_STEPS + 1), lambda: distill(configs["distill_killed"]))
     train(configs["teacher_default"])
@@ -175,6 +206,8 @@ def ddp_runs(single_runs, tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("elastic")
     configs = {
         "teacher": teacher_config(MICRO, root / "teacher"),
+        "teacher_accumulated": teacher_config(MICRO // 2, None),
+        "distill_accumulated": distill_config(MICRO // 2, None),
         "teacher_killed": teacher_config(MICRO, root / "teacher_killed"),
         "teacher_default": teacher_config(MICRO, root / "teacher_default", global_batch=None, steps=2),
         "distill": distill_config(MICRO, root / "distill"),
@@ -263,6 +296,18 @@ def test_two_processes_train_the_teacher_of_one_accumulating_process(single_runs
     ddp = ddp_runs["ddp"]["teacher"]
     assert_parity(ddp, single_runs["teacher_full"], TEACHER_UPDATES, ("loss",))
     assert_parity(ddp, single_runs["teacher_accumulated"], TEACHER_UPDATES, ("loss",))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["teacher", "distill"])
+def test_two_processes_accumulating_two_micro_batches_each_train_the_same_step(single_runs, ddp_runs, stage):
+    """2 processes x 2 micro-batches of 2 = the global batch of 8 again; DDP all-reduces once per
+    update (the first micro-batch runs in ``no_sync``), as many times as the run without accumulation."""
+    ddp, teacher = ddp_runs["ddp"], stage == "teacher"
+    updates, losses = (TEACHER_UPDATES, ("loss",)) if teacher else (DISTILL_UPDATES, DISTILL_LOSSES)
+    assert_parity(ddp[f"{stage}_accumulated"], single_runs[f"{stage}_full"], updates, losses)
+    assert ddp[f"{stage}_all_reduces"] > 0
+    assert ddp[f"{stage}_accumulated_all_reduces"] == ddp[f"{stage}_all_reduces"]
 
 
 @pytest.mark.slow

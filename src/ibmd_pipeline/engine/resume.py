@@ -300,9 +300,11 @@ def _check_resizable(
 def restore_shared_streams(state: TrainingState, states: Mapping[str, Any]) -> None:
     """After a change of the number of ranks: the shared generators, and fresh process streams.
 
-    ``state.generator`` and ``state.device_generator`` come from ``states`` (rank 0's; under
-    ``global_batch_size`` every rank holds them alike). Python's, NumPy's and torch's global
-    streams, which no draw of a batch uses, are seeded from this process's seed and the step.
+    ``state.generator`` and ``state.device_generator`` come from ``states``, rank 0's: under
+    ``global_batch_size`` a trainer draws from them only what every rank draws alike (the
+    distillation draws for the global batch) or nothing at all (the teacher draws from
+    ``engine.training.step_generator``). Python's, NumPy's and torch's global streams, which no
+    draw of a batch uses, are seeded from this process's seed and the step.
     """
     mixed = np.random.SeedSequence([state.seed, state.step]).generate_state(1, dtype=np.uint64)[0]
     seed_everything(int(mixed) % 2**63)
