@@ -25,6 +25,7 @@ One spawn (two Gloo workers) runs every multi-process run in sequence.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -269,6 +270,27 @@ def test_the_accumulation_check_fails_on_a_wrongly_scaled_accumulation(single_ru
     updates, losses = (TEACHER_UPDATES, ("loss",)) if teacher else (DISTILL_UPDATES, DISTILL_LOSSES)
     with pytest.raises(AssertionError):
         assert_parity(single_runs[f"{stage}_{fault}"], single_runs[f"{stage}_full"], updates, losses)
+
+
+def test_on_the_same_process_count_an_accumulating_run_resumes_bit_for_bit(single_runs, tmp_path, caplog):
+    """Killed after its step-2 working checkpoint and restarted on 1 process again: the same
+    weights and history as the uninterrupted accumulating run, to the bit."""
+    teacher, student = teacher_config(MICRO, tmp_path / "t"), distill_config(MICRO, tmp_path / "d")
+    teacher_start = single_runs["teacher_full"]
+    _killed(teacher_trainer, CHECKPOINT_EVERY, lambda: _teacher(teacher))
+    _killed(distill_trainer, CHECKPOINT_EVERY * (AUX_STEPS + 1), lambda: _distill(student, teacher_start))
+    with caplog.at_level(logging.INFO, logger="ibmd_pipeline.engine.loop"):
+        resumed = {"teacher": _teacher(teacher), "distill": _distill(student, teacher_start)}
+    messages = [record.getMessage() for record in caplog.records]
+    resumed_at = [message.split("' at ")[-1] for message in messages if "resumed from" in message]
+    assert resumed_at == [f"step {CHECKPOINT_EVERY} of {n}" for n in (TEACHER_STEPS, DISTILL_STEPS)]
+    for stage, result in resumed.items():
+        straight = single_runs[f"{stage}_accumulated"]
+        for group in ("models", "ema"):
+            for name, weights in straight[group].items():
+                assert all(torch.equal(result[group][name][k], v) for k, v in weights.items()), (stage, name)
+        strip = [{k: v for k, v in r.items() if k != "sec_per_step"} for r in result["history"]]
+        assert strip == [{k: v for k, v in r.items() if k != "sec_per_step"} for r in straight["history"]]
 
 
 def test_a_process_count_that_cannot_keep_the_global_batch_stops_before_any_work(tmp_path) -> None:
