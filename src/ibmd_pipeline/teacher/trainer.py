@@ -77,6 +77,7 @@ from ibmd_pipeline.teacher.model import (
 )
 
 __all__ = [
+    "GlobalDraws",
     "PairTensors",
     "TeacherPlan",
     "FixedValidationBatch",
@@ -325,7 +326,6 @@ class GlobalDraws:
     fill: Tensor | None
     t: Tensor
     noise: Tensor | None
-
 
 
 def _working_dir(workdir: str | None, run_folder: str) -> Path | None:
