@@ -308,6 +308,12 @@ def test_a_process_count_that_cannot_keep_the_global_batch_stops_before_any_work
         assert error.value.key == "teacher.train.global_batch_size"
         assert "process count that divides 2 (1, 2)" in str(error.value)
     assert _tree(workdir) == before
+    # Asked for 3 local workers, the trainers refuse before spawning any.
+    with pytest.raises(ConfigError, match="teacher.train.global_batch_size"):
+        train_teacher(_on(config, 3), DATA["train"], DATA["val"], task=TASK, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="distill.train.global_batch_size"):
+        distill_student(DATA["train"]["corrupted"], {}, _on(distill_config(MICRO, workdir), 3), device="cpu")
+    assert _tree(workdir) == before
 
 
 # --------------------------------------------------------------------------- two processes, and back to one

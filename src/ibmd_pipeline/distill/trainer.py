@@ -638,6 +638,9 @@ def distill_student(
         _check_snapshots(snapshot_steps, on_snapshot, config.train.steps)
         if launch_mode(config.distributed) != "in_process":
             raise ValueError("snapshots (snapshot_steps / on_snapshot) need a single-process run")
+    if launch_mode(config.distributed) == "local_workers":
+        # Every worker would stop at once on this; refuse before spawning them.
+        plan_batches(config.train, config.distributed.nproc_per_node, key="distill.train")
     return run_data_parallel(
         _train, config, corrupted, dict(teacher_checkpoint), mask, task_kind, progress,
         snapshot_steps, on_snapshot, device=device, key="distill.distributed",

@@ -52,7 +52,7 @@ from ibmd_pipeline.engine.distributed import (
     split_global_batch,
     wrap_ddp,
 )
-from ibmd_pipeline.engine.launch import run_data_parallel
+from ibmd_pipeline.engine.launch import launch_mode, run_data_parallel
 from ibmd_pipeline.engine.loop import run_training
 from ibmd_pipeline.engine.resume import config_differences, run_folder_name
 from ibmd_pipeline.engine.training import (
@@ -371,6 +371,9 @@ def train_teacher(
     bit on the CPU. With ``train.global_batch_size`` it also continues on another number of
     processes that divides the global batch, equal up to float rounding (``engine.resume``).
     """
+    if launch_mode(config.distributed) == "local_workers":
+        # Every worker would stop at once on this; refuse before spawning them.
+        plan_batches(config.train, config.distributed.nproc_per_node, key="teacher.train")
     return run_data_parallel(
         _train_teacher_rank, config, train_bundle, val_bundle, task, progress,
         device=device, key="teacher.distributed",
