@@ -7,6 +7,10 @@ same updates as in one process reading the whole global batch. As in
 arithmetic (``tests/numerics.py``): the longest reduction is a convolution's weight gradient over
 ``global batch * H * W`` terms; AdamW turns a gradient difference of ``N u`` (clipped to norm 1)
 into at most ``lr N u / eps`` per update.
+
+With ``train.global_batch_size`` the streamed readers deliver each rank's rows of the global batch,
+fed in micro-batches: one process accumulating two micro-batches of 4 trains the teacher and the
+student of one process reading the whole batch of 8, within the same bounds (no spawn).
 """
 
 from __future__ import annotations
@@ -79,34 +83,89 @@ def runs(tmp_path_factory) -> dict[str, Any]:
     return {"ddp": ddp, "single": single, "teacher": teacher}
 
 
-def test_streamed_distillation_on_two_processes_matches_one(runs) -> None:
-    ddp, single = runs["ddp"], runs["single"]
-    assert ddp["step"] == single["step"] == STEPS
-    weight_atol = {n: adam_weight_atol(k, LR, TERMS, DTYPE, grad_bound=GRAD_CLIP) for n, k in UPDATES.items()}
-    for name in UPDATES:
-        for key, value in single["models"][name].items():
+def assert_same_training(
+    a: dict[str, Any],
+    b: dict[str, Any],
+    updates: dict[str, int],
+    losses: tuple[str, ...],
+    start: dict[str, Any],
+) -> None:
+    """``a`` and ``b`` trained the same steps up to float64 rounding; ``start``: the weights ``b``'s
+    first model started from, which it must have left far behind (the check is not vacuous)."""
+    assert a["step"] == b["step"]
+    weight_atol = {n: adam_weight_atol(k, LR, TERMS, DTYPE, grad_bound=GRAD_CLIP) for n, k in updates.items()}
+    for name in updates:
+        for key, value in b["models"][name].items():
             assert value.dtype == DTYPE, key
-            torch.testing.assert_close(
-                ddp["models"][name][key], value, atol=weight_atol[name], rtol=0, msg=key
-            )
+            torch.testing.assert_close(a["models"][name][key], value, atol=weight_atol[name], rtol=0, msg=key)
         first = f"grad_norm/{name}"
         assert math.isclose(
-            ddp["history"][0][first], single["history"][0][first], rel_tol=sum_rtol(TERMS, DTYPE), abs_tol=0
+            a["history"][0][first], b["history"][0][first], rel_tol=sum_rtol(TERMS, DTYPE), abs_tol=0
         )
-    parameters = sum(v.numel() for v in single["models"]["generator"].values() if v.is_floating_point())
-    for a, b in zip(ddp["history"], single["history"], strict=True):
-        gradient = max(b.get(f"grad_norm/{name}", 0.0) for name in UPDATES)
-        for key in LOSSES:
-            bound = loss_atol(b[key], gradient, parameters, max(weight_atol.values()), TERMS, DTYPE)
-            assert abs(a[key] - b[key]) <= bound, (key, a[key], b[key], bound)
-    # The generator moved far beyond the tolerance: the check compares trained weights.
-    teacher = runs["teacher"]["ema"]["model"]
-    trained = single["models"]["generator"]
-    shared = [k for k in trained if k in teacher and trained[k].shape == teacher[k].shape]
-    moved = max(float((trained[k] - teacher[k]).abs().max()) for k in shared)
-    assert moved > 1e4 * weight_atol["aux"]
+    name = next(iter(updates))
+    parameters = sum(v.numel() for v in b["models"][name].values() if v.is_floating_point())
+    for a_record, b_record in zip(a["history"], b["history"], strict=True):
+        gradient = max(b_record.get(f"grad_norm/{n}", 0.0) for n in updates)
+        for key in losses:
+            bound = loss_atol(b_record[key], gradient, parameters, max(weight_atol.values()), TERMS, DTYPE)
+            assert abs(a_record[key] - b_record[key]) <= bound, (key, a_record[key], b_record[key], bound)
+    trained = b["models"][name]
+    shared = [k for k in trained if k in start and trained[k].shape == start[k].shape]
+    moved = max(float((trained[k] - start[k]).abs().max()) for k in shared)
+    assert moved > 1e4 * max(weight_atol.values())
+
+
+def test_streamed_distillation_on_two_processes_matches_one(runs) -> None:
+    assert runs["ddp"]["step"] == runs["single"]["step"] == STEPS
+    assert_same_training(runs["ddp"], runs["single"], UPDATES, LOSSES, runs["teacher"]["ema"]["model"])
 
 
 def test_parity_tolerance_sits_far_below_one_update() -> None:
     """A batch of other images moves the weights by about ``lr`` per update; the bound is far below."""
     assert adam_weight_atol(STEPS * AUX_STEPS, LR, TERMS, DTYPE, grad_bound=GRAD_CLIP) < 1e-3 * LR
+
+
+# --------------------------------------------------------------------------- gradient accumulation
+
+GLOBAL = PER_RANK_BATCH * WORLD
+
+
+def _teacher(bundles: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    params = {
+        "model": {"network": {"preset": "tiny"}},
+        "train": {"steps": STEPS, "batch_size": batch_size, "global_batch_size": GLOBAL, "lr": LR,
+                  "log_every": 1, "bf16": False, "grad_clip": GRAD_CLIP},
+        "validation": {"every": 0, "batch_size": 2},
+    }  # fmt: skip
+    with default_dtype(DTYPE, threads=1):
+        config = parse_teacher_config(params, seed=0)
+        trained, _ = train_teacher(
+            config, bundles["train"], bundles["val"], task=TASK, device="cpu", progress=False
+        )
+        return trained
+
+
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory) -> dict[str, Any]:
+    """Streamed teacher and distillation runs with ``train.global_batch_size`` 8: one process reading
+    micro-batches of 4 (two per update) and one reading the whole batch of 8 (no spawn)."""
+    root = write_imagenet_layout(tmp_path_factory.mktemp("images"), 24)
+    bundles = build_pair_bundles(data_config(root, True, workers=1), TaskConfig(**TASK), seed=0)
+    runs = {f"teacher_{b}": _teacher(bundles, b) for b in (PER_RANK_BATCH, GLOBAL)}
+    corrupted = corrupted_only(bundles["train"])
+    for batch_size in (PER_RANK_BATCH, GLOBAL):
+        params = _distill_params(batch_size)
+        params["train"]["global_batch_size"] = GLOBAL
+        runs[f"distill_{batch_size}"] = _distill(corrupted, runs["teacher_8"], parse_distill_config(params))
+    return runs
+
+
+def test_streamed_micro_batches_train_the_teacher_of_the_whole_batch(accumulated) -> None:
+    full, micro = accumulated[f"teacher_{GLOBAL}"], accumulated[f"teacher_{PER_RANK_BATCH}"]
+    assert_same_training(micro, full, {"model": STEPS}, ("loss",), full["ema"]["model"])
+
+
+def test_streamed_micro_batches_distil_the_student_of_the_whole_batch(accumulated) -> None:
+    start = accumulated[f"teacher_{GLOBAL}"]["ema"]["model"]
+    full, micro = accumulated[f"distill_{GLOBAL}"], accumulated[f"distill_{PER_RANK_BATCH}"]
+    assert_same_training(micro, full, UPDATES, LOSSES, start)

@@ -93,7 +93,10 @@ class DistillConfig:
     lr_generator / lr_aux: AdamW peak learning rates of the generator and the auxiliary model;
         null = the paper's: 5e-5 for I2SB teachers, 1e-5 for DDBM, 3e-6 for DDBM inpainting
         (``lr_aux`` null = ``lr_generator``).
-    aux_batch_size: images per auxiliary update; null = ``train.batch_size``.
+    aux_batch_size: images per auxiliary update and process; null = ``train.batch_size``. With
+        ``train.global_batch_size`` it is the auxiliary micro-batch: the auxiliary updates
+        accumulate as many micro-batches as the generator's, so their global batch is
+        ``aux_batch_size x global_batch_size / batch_size``.
     noise: feed noise z to the generator through zero-initialised input channels; null = off
         for I2SB inpainting (its xT already carries noise in the hole), on otherwise.
     student_nfe: generator evaluations N of the student (1, 2 or 4).

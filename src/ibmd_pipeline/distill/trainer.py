@@ -21,8 +21,17 @@ corruption draws it anew each time), and the losses count the hole only.
 Randomness: every draw of a step (batch indices, hole noise, z, the posterior-step noise of
 multi-step chains, t, eps, the rollout depth) comes from the training state's generators and
 is drawn for the *global* batch, of which each rank takes its slice. A run is therefore a
-function of the seed and the world size only, and resuming from the working checkpoint
+function of the seed and the global batch only, and resuming from the working checkpoint
 (which saves those generators) continues it exactly.
+
+Gradient accumulation (``train.global_batch_size``): each update, the L auxiliary ones and the
+generator's, is drawn for its global batch as above and each rank feeds its slice in
+``global_batch_size / (batch_size x world size)`` micro-batches, back-propagating each with
+weight ``1 / micro-batches`` and stepping once (``engine.training.accumulated_update``). The
+auxiliary batch keeps its ratio to the generator's: ``aux_batch_size`` images per micro-batch,
+the same number of micro-batches. So 2 processes and 1 process accumulating 2 micro-batches
+train on the same images and the same noise, equal up to float rounding, and a working
+checkpoint resumes on either.
 
 Distributed (``distill.distributed.nproc_per_node > 1`` or a torchrun/srun launch): the
 generator and the auxiliary model are each wrapped in DDP and called through the wrapper
@@ -40,6 +49,8 @@ memory and copied asynchronously (``engine.devices.gather_to_device``).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -78,12 +89,14 @@ from ibmd_pipeline.engine.launch import launch_mode, run_data_parallel
 from ibmd_pipeline.engine.loop import run_training
 from ibmd_pipeline.engine.resume import WORKING_CHECKPOINT, run_folder_name
 from ibmd_pipeline.engine.training import (
+    BatchPlan,
     NonFiniteLossError,
     TrainingState,
+    accumulated_update,
     create_training_state,
     epoch_batch_indices,
     export_checkpoint,
-    optimizer_step,
+    plan_batches,
 )
 from ibmd_pipeline.networks.predictors import X0Predictor
 from ibmd_pipeline.teacher.model import LoadedTeacher, teacher_from_checkpoint
@@ -144,6 +157,18 @@ class _Draw:
     t: Tensor
     eps: Tensor | None
 
+    def rows(self, part: slice) -> _Draw:
+        """The draw of one micro-batch: rows ``part`` of every per-image tensor."""
+
+        def cut(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor[part]
+
+        step_noise = None if self.step_noise is None else [noise[part] for noise in self.step_noise]
+        return _Draw(
+            self.xT[part], cut(self.mask), cut(self.z), step_noise, self.rollout_to, self.t[part],
+            cut(self.eps),
+        )
+
 
 @dataclass
 class DistillRun:
@@ -169,6 +194,7 @@ class DistillRun:
     val_mask: Tensor | None
     student_config: dict[str, Any]
     run_config: dict[str, Any]
+    batches: BatchPlan  # how a generator update's global batch splits (engine.training.plan_batches)
     validator: DistillValidator | None = None
     reader: StepBatches | None = None  # set when train_xT is streamed
 
@@ -177,6 +203,12 @@ class DistillRun:
         # DDP wrappers, used only in the forward whose backward updates the wrapped network.
         self.generator_for_update = wrap_ddp(self.generator, self.ctx)
         self.aux_for_update = wrap_ddp(self.aux, self.ctx)
+
+    @property
+    def aux_batches(self) -> BatchPlan:
+        """How an auxiliary update's global batch splits: ``aux_batch_size`` per micro-batch, as
+        many micro-batches as the generator update."""
+        return aux_batch_plan(self.batches, self.resolved.aux_batch_size)
 
     @property
     def checkpoint_extra(self) -> dict[str, Any]:
@@ -190,13 +222,13 @@ class DistillRun:
         noise = torch.randn((global_batch, *shape[1:]), generator=gen, device=gen.device)
         return split_global_batch(noise, self.ctx).to(self.ctx.device)
 
-    def draw(self, stream: int, index: int, batch: int) -> _Draw:
+    def draw(self, stream: int, index: int, batches: BatchPlan) -> _Draw:
         """This rank's part of global batch ``index`` of data stream ``stream`` with fresh noise.
 
         ``stream`` 0 feeds the auxiliary updates (``L`` batches per step), 1 the generator's.
         Indices come from :func:`epoch_batch_indices`, a pure function of the index.
         """
-        global_batch = batch * self.ctx.world_size
+        global_batch = batches.global_batch
         device = self.ctx.device
         if self.reader is not None:
             aux_steps = self.resolved.aux_steps
@@ -206,7 +238,7 @@ class DistillRun:
             mask = read["mask"].to(device, non_blocking=True) if "mask" in read else None
         else:
             assert isinstance(self.train_xT, Tensor)
-            indices = _rank_indices(self.ctx, len(self.train_xT), stream, index, batch, self.resolved)
+            indices = _rank_indices(self.ctx, len(self.train_xT), stream, index, batches, self.resolved)
             xT = gather_to_device(self.train_xT, indices, device)
             mask = None if self.train_mask is None else gather_to_device(self.train_mask, indices, device)
         shape = tuple(xT.shape)
@@ -246,36 +278,54 @@ class DistillRun:
 
     def aux_update(self, state: TrainingState, step: int, j: int) -> Tensor:
         """Auxiliary update ``j`` of step ``step``: bridge matching of ``D_phi`` on fresh generator
-        samples (``ibmd_auxiliary_loss``; the generator runs without autograd). Returns the loss."""
-        draw = self.draw(0, step * self.resolved.aux_steps + j, self.resolved.aux_batch_size)
-        with self._autocast():
-            with torch.no_grad():
-                x0 = self._generate(self.generator, draw)
-            loss = ibmd_auxiliary_loss(
-                self.aux_for_update, x0, draw.xT, self.teacher.schedule,
-                mask=draw.mask, t=draw.t, noise=draw.eps,
-            )
-        self._check_finite("aux", loss)
-        optimizer_step(state, "aux", loss)
-        return loss.detach()
+        samples (``ibmd_auxiliary_loss``; the generator runs without autograd), micro-batch by
+        micro-batch. Returns the loss, the mean over this rank's micro-batches."""
+        batches = self.aux_batches
+        draw = self.draw(0, step * self.resolved.aux_steps + j, batches)
+
+        def micro_loss(part: slice) -> Tensor:
+            micro = draw.rows(part)
+            with self._autocast():
+                with torch.no_grad():
+                    x0 = self._generate(self.generator, micro)
+                loss = ibmd_auxiliary_loss(
+                    self.aux_for_update, x0, micro.xT, self.teacher.schedule,
+                    mask=micro.mask, t=micro.t, noise=micro.eps,
+                )
+            self._check_finite("aux", loss)
+            return loss
+
+        parts = [functools.partial(micro_loss, part) for part in batches.micro_batches()]
+        _, losses = accumulated_update(state, "aux", parts, module=self.aux_for_update)
+        return torch.stack(losses).mean()
 
     def generator_update(self, state: TrainingState, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The generator update of step ``step`` (``ibmd_generator_loss`` on a fresh batch).
 
         Gradients reach theta through x0 and through x_t into the frozen teacher and the
-        auxiliary model, whose parameters are not touched. Returns the loss and its two terms.
+        auxiliary model, whose parameters are not touched. Returns the loss and its two terms,
+        means over this rank's micro-batches.
         """
-        draw = self.draw(1, step, self.resolved.train.batch_size)
-        with self._autocast():
-            x0 = self._generate(self.generator_for_update, draw)
-            # Plain modules here: their parameters get no gradient from this loss (ibmd.py).
-            loss, terms = ibmd_generator_loss(
-                self.teacher.predictor, self.aux, x0, draw.xT, self.teacher.schedule,
-                mask=draw.mask, t=draw.t, noise=draw.eps, return_terms=True,
-            )
-        self._check_finite("generator", loss)
-        optimizer_step(state, "generator", loss)
-        return loss.detach(), terms
+        draw = self.draw(1, step, self.batches)
+        terms: list[dict[str, Tensor]] = []
+
+        def micro_loss(part: slice) -> Tensor:
+            micro = draw.rows(part)
+            with self._autocast():
+                x0 = self._generate(self.generator_for_update, micro)
+                # Plain modules here: their parameters get no gradient from this loss (ibmd.py).
+                loss, micro_terms = ibmd_generator_loss(
+                    self.teacher.predictor, self.aux, x0, micro.xT, self.teacher.schedule,
+                    mask=micro.mask, t=micro.t, noise=micro.eps, return_terms=True,
+                )
+            self._check_finite("generator", loss)
+            terms.append(micro_terms)
+            return loss
+
+        parts = [functools.partial(micro_loss, part) for part in self.batches.micro_batches()]
+        _, losses = accumulated_update(state, "generator", parts, module=self.generator_for_update)
+        means = {key: torch.stack([t[key] for t in terms]).mean() for key in ("teacher", "fake")}
+        return torch.stack(losses).mean(), means
 
     def step(self, state: TrainingState, step: int) -> dict[str, float]:
         """One generator update preceded by its L auxiliary updates (IBMD Alg. 1)."""
@@ -310,12 +360,28 @@ class DistillRun:
             )
 
 
+def aux_batch_plan(batches: BatchPlan, aux_batch_size: int) -> BatchPlan:
+    """The auxiliary updates' split: micro-batches of ``aux_batch_size``, as many as ``batches``."""
+    global_batch = aux_batch_size * batches.world_size * batches.accumulation
+    return dataclasses.replace(batches, micro_batch=aux_batch_size, global_batch=global_batch)
+
+
 def _rank_indices(
-    ctx: DistContext, count: int, stream: int, index: int, batch: int, resolved: ResolvedDistill
+    ctx: DistContext, count: int, stream: int, index: int, batches: BatchPlan, resolved: ResolvedDistill
 ) -> Tensor:
     """This rank's part of global batch ``index`` of data stream ``stream`` (0: auxiliary, 1: generator)."""
     seed = resolved.train.seed + stream
-    return split_global_batch(epoch_batch_indices(count, batch * ctx.world_size, index, seed), ctx)
+    return split_global_batch(epoch_batch_indices(count, batches.global_batch, index, seed), ctx)
+
+
+def _shaping_settings(resolved: ResolvedDistill, batches: BatchPlan) -> dict[str, Any]:
+    """The resolved settings that shape the run: with ``global_batch_size`` the auxiliary
+    update's global batch instead of its micro-batch, which changes float rounding only."""
+    settings = resolved.as_dict()
+    if resolved.train.global_batch_size is not None:
+        settings.pop("aux_batch_size")
+        settings["aux_global_batch_size"] = aux_batch_plan(batches, resolved.aux_batch_size).global_batch
+    return settings
 
 
 def _check_inputs(corrupted: Tensor, mask: Tensor | None, task_kind: str | None) -> None:
@@ -346,8 +412,11 @@ def build_distill_run(
     """Load the teacher, build generator, auxiliary model, EMA, optimisers and validation.
 
     Checks that the teacher fits the data (task, image size, channels) before any work:
-    :class:`~ibmd_pipeline.teacher.model.CheckpointMismatchError` otherwise.
+    :class:`~ibmd_pipeline.teacher.model.CheckpointMismatchError` otherwise; and first of all
+    that the global batch splits over ``ctx.world_size`` processes (``ConfigError`` naming
+    ``distill.train.global_batch_size`` otherwise).
     """
+    batches = plan_batches(config.train, ctx.world_size, key="distill.train")
     if isinstance(corrupted, StreamedPairs):
         if corrupted.targets:
             raise ValueError(
@@ -381,12 +450,12 @@ def build_distill_run(
         # Streamed: workers read the batches of the coming updates, in the order the step asks.
         streamed, count = corrupted, len(train_xT)
 
+        aux_batches = aux_batch_plan(batches, resolved.aux_batch_size)
+
         def plan(step: int) -> list[Tensor]:
-            aux, first = resolved.aux_batch_size, step * resolved.aux_steps
-            return [
-                *(_rank_indices(ctx, count, 0, first + j, aux, resolved) for j in range(resolved.aux_steps)),
-                _rank_indices(ctx, count, 1, step, resolved.train.batch_size, resolved),
-            ]
+            updates = range(step * resolved.aux_steps, (step + 1) * resolved.aux_steps)
+            aux = [_rank_indices(ctx, count, 0, index, aux_batches, resolved) for index in updates]
+            return [*aux, _rank_indices(ctx, count, 1, step, batches, resolved)]
 
         assert isinstance(streamed, StreamedPairs)
         reader = StepBatches(train_xT, plan, resolved.train.steps, **loader_options(streamed, ctx.device))
@@ -438,9 +507,10 @@ def build_distill_run(
         "teacher_weights": _fingerprint([teacher_weights[k] for k in sorted(teacher_weights)]),
         "data": data_fingerprint,
         "held_out": config.validation.batch_size,
-        "resolved": resolved.as_dict(),
+        "resolved": _shaping_settings(resolved, batches),
         "use_teacher_ema": config.use_teacher_ema,
-        "world_size": ctx.world_size,
+        # Not the process count: a changed one finds this run's checkpoint and resumes it (with
+        # train.global_batch_size) or says why it cannot (engine.resume).
         "autocast_bf16": config.autocast_bf16(ctx.device),
     }
     run = DistillRun(
@@ -458,6 +528,7 @@ def build_distill_run(
         val_mask=val_mask,
         student_config=student_config,
         run_config=run_config,
+        batches=batches,
         reader=reader,
     )
     if config.validation.every > 0:
@@ -488,11 +559,13 @@ def _train(
     resolved = run.resolved
     logger.info(
         "IBMD on %s%s: student NFE %d (%s), noise %s, L=%d aux updates per generator update, lr %.3g / %.3g, "
-        "%d generator updates of batch %d (aux batch %d) x %d rank(s), %d training / %d held-out images",
+        "%d generator updates of global batch %d (aux %d) = %d rank(s) x %d micro-batch(es) of %d (aux %d), "
+        "%d training / %d held-out images",
         describe_device(ctx.device), ", bf16 autocast" if run.use_bf16 else "",
         resolved.student_nfe, resolved.multistep_mode, resolved.noise,
         resolved.aux_steps, resolved.lr_generator, resolved.lr_aux, resolved.train.steps,
-        resolved.train.batch_size, resolved.aux_batch_size, ctx.world_size,
+        run.batches.global_batch, run.aux_batches.global_batch, ctx.world_size, run.batches.accumulation,
+        resolved.train.batch_size, resolved.aux_batch_size,
         len(run.train_xT), len(run.val_xT),
     )
     initial = run.validate(0)
@@ -565,6 +638,9 @@ def distill_student(
         _check_snapshots(snapshot_steps, on_snapshot, config.train.steps)
         if launch_mode(config.distributed) != "in_process":
             raise ValueError("snapshots (snapshot_steps / on_snapshot) need a single-process run")
+    if launch_mode(config.distributed) == "local_workers":
+        # Every worker would stop at once on this; refuse before spawning them.
+        plan_batches(config.train, config.distributed.nproc_per_node, key="distill.train")
     return run_data_parallel(
         _train, config, corrupted, dict(teacher_checkpoint), mask, task_kind, progress,
         snapshot_steps, on_snapshot, device=device, key="distill.distributed",

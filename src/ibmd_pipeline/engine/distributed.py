@@ -15,9 +15,11 @@ which launcher applies):
   ``SLURM_LOCALID`` when the torchrun variables are absent) around a plain Python entry point.
 
 Batches: the configured batch size is *per rank*; one optimiser step sees the global batch
-``batch_size * world_size``. DDP averages gradients over ranks, and each rank's loss is a mean
-over its own shard, so the update equals a single-process step on the global batch
-(:func:`shard_indices` gives disjoint shards that together form each global batch).
+``batch_size * world_size``, or ``train.global_batch_size`` when set (each rank then
+accumulates several micro-batches, ``engine.training.plan_batches``). DDP averages gradients
+over ranks, and each rank's loss is a mean over its own shard, so the update equals a
+single-process step on the global batch (:func:`shard_indices` gives disjoint shards that
+together form each global batch).
 
 Rules for a training loop running on several ranks (all are free with one process):
 
@@ -31,11 +33,14 @@ Rules for a training loop running on several ranks (all are free with one proces
 - only the main rank logs, shows progress (:func:`progress_enabled`) and writes files; the
   others wait at :func:`barrier` where they must not run ahead (e.g. before a resume read);
 - random streams that must differ per rank (time steps, noise) are seeded with
-  :func:`seed_for_rank`; the data permutation uses the same seed on every rank.
+  :func:`seed_for_rank`; the data permutation uses the same seed on every rank;
+- with gradient accumulation (``train.global_batch_size``), run every micro-batch but the last
+  inside :func:`gradient_sync` ``(wrapper, False)``, so that DDP averages once per update.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -430,6 +435,19 @@ def wrap_ddp(module: nn.Module, ctx: DistContext, **ddp_options: Any) -> nn.Modu
         return module
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, **ddp_options)
+
+
+def gradient_sync(module: nn.Module | None, enabled: bool) -> contextlib.AbstractContextManager:
+    """A context in which ``module``'s backward averages gradients over ranks, or does not.
+
+    ``enabled=False`` on a DDP wrapper is its ``no_sync()``: gradients accumulate locally, for
+    every micro-batch of an accumulated update but the last, whose backward then averages the
+    sum. Put the forward pass inside the context too (DDP prepares its reducer there). Anything
+    else (a plain module, None, one process) needs no synchronisation: a null context.
+    """
+    if enabled or not isinstance(module, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -9,12 +9,24 @@ the step, so nothing about the schedule needs saving.
 
 With several data-parallel ranks exactly one working checkpoint exists: rank 0 writes it, holding
 every rank's random states (gathered at each save, entry ``r`` for rank ``r``), and on resume every
-rank reads that one file and restores its own streams. A file written by another number of ranks is
-refused (:class:`ResumeMismatchError`): rank ``r``'s streams have no counterpart then.
+rank reads that one file and restores its own streams.
+
+Another number of ranks: without ``train.global_batch_size`` the global batch is
+``batch_size x world size``, so it would change, and the file is refused
+(:class:`ResumeMismatchError`, naming the process count that resumes it). With
+``train.global_batch_size`` the trainers draw every batch and its noise for the global batch, from
+generators that every rank holds in the same state or seeds derived from the step, so nothing
+random belongs to a rank: every rank restores the generators rank 0 saved, and re-seeds its
+process-wide streams (Python, NumPy, torch: dropout only) from its seed and the step. The run then
+continues as the uninterrupted one would, up to float rounding (the sums run in other orders) and
+dropout masks (0 in every preset); with the same number of ranks it continues bit for bit.
 
 A working checkpoint is resumed only by the configuration that wrote it (:func:`config_differences`,
-keys in :data:`RESUME_NEUTRAL_KEYS` aside); :func:`run_folder_name` gives each configuration its
-own folder, so a changed setting starts afresh instead of failing to resume.
+keys in :data:`RESUME_NEUTRAL_KEYS` aside, and ``batch_size`` when ``global_batch_size`` is set: the
+micro-batch size changes float rounding only); :func:`run_folder_name` gives each configuration its
+own folder, so a changed setting starts afresh instead of failing to resume. The process count is
+not part of the folder name: a changed count finds the run's checkpoint and resumes it, or says why
+it cannot.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ import torch.distributed as dist
 from ibmd_pipeline.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ibmd_pipeline.engine.config import config_to_dict
 from ibmd_pipeline.engine.distributed import DistContext, broadcast_object, gather_objects
-from ibmd_pipeline.engine.training import TrainingState
+from ibmd_pipeline.engine.training import TrainingState, seed_everything
 
 __all__ = [
     "RESUME_NEUTRAL_KEYS",
@@ -41,6 +53,7 @@ __all__ = [
     "ResumeMismatchError",
     "check_ranks_agree",
     "config_differences",
+    "restore_shared_streams",
     "restore_training_state",
     "resume_training_state",
     "rng_states",
@@ -105,13 +118,23 @@ def _without_neutral_keys(value: Any) -> Any:
     return value
 
 
+def _shaping_train_config(train_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The training settings that shape the result: ``batch_size`` is only the micro-batch (float
+    rounding) when ``global_batch_size`` fixes the batch of each step."""
+    plain = dict(train_config)
+    if plain.get("global_batch_size") is not None:
+        plain.pop("batch_size", None)
+    return plain
+
+
 def run_folder_name(run_config: Mapping[str, Any], train_config: Mapping[str, Any]) -> str:
     """``run-<12 hex>``: one working-checkpoint folder per configuration that shapes the result.
 
     Settings that only watch the run (:data:`RESUME_NEUTRAL_KEYS`) do not change the name, so a
-    changed configuration starts its own folder instead of failing to resume another's.
+    changed configuration starts its own folder instead of failing to resume another's. Neither
+    does the micro-batch ``batch_size`` when ``global_batch_size`` is set.
     """
-    plain = _without_neutral_keys({"run": run_config, "train": train_config})
+    plain = _without_neutral_keys({"run": run_config, "train": _shaping_train_config(train_config)})
     text = json.dumps(plain, sort_keys=True, default=str)
     return "run-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -210,22 +233,18 @@ def restore_training_state(
     """Load a :func:`training_checkpoint` payload into ``state`` (built the same way).
 
     rank / world_size: this process's place in the run; it restores the random states saved
-    for its rank. Raises :class:`ResumeMismatchError` when the payload was written by another
-    number of ranks.
+    for its rank. Another number of ranks than wrote the payload resumes only when
+    ``global_batch_size`` fixes the global batch (module docstring); otherwise
+    :class:`ResumeMismatchError` says which process count resumes it.
     """
     if payload.get("format") not in _READABLE_FORMATS:
         raise CheckpointError(
             f"{source} is not a working training checkpoint (format {payload.get('format')!r})"
         )
     rank_rng = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]
-    if len(rank_rng) != world_size:
-        raise ResumeMismatchError(
-            f"{source} was written by a run of {len(rank_rng)} process(es), this run has {world_size}: "
-            "each rank's random streams are saved for its own rank and have no counterpart in another "
-            f"world size. Resume with {len(rank_rng)} process(es) (the stage's "
-            f"distributed.nproc_per_node: {len(rank_rng)}, or a launcher's --nnodes x --nproc-per-node "
-            f"= {len(rank_rng)}), or delete the file to start afresh."
-        )
+    resized = len(rank_rng) != world_size
+    if resized:
+        _check_resizable(state, payload, source, len(rank_rng), world_size)
     for group, own in (("models", state.models), ("optimizers", state.optimizers), ("ema", state.emas)):
         if set(payload[group]) != set(own):
             raise CheckpointError(
@@ -243,7 +262,55 @@ def restore_training_state(
     state.skipped = int(payload["skipped"])
     state.history = [dict(record) for record in payload["history"]]
     state.log_window = {key: list(values) for key, values in payload["log_window"].items()}
-    restore_rng_states(state, rank_rng[rank])
+    if resized:
+        restore_shared_streams(state, rank_rng[0])
+    else:
+        restore_rng_states(state, rank_rng[rank])
+
+
+def _check_resizable(
+    state: TrainingState, payload: Mapping[str, Any], source: str, saved: int, world_size: int
+) -> None:
+    """Refuse another number of ranks unless the global batch is fixed, by the same setting."""
+    stored = payload.get("train_config", {})
+    fixed = state.config.global_batch_size
+    if fixed is not None and stored.get("global_batch_size") == fixed:
+        return
+    if stored.get("global_batch_size") is not None:
+        raise ResumeMismatchError(
+            f"{source} was written with train.global_batch_size {stored['global_batch_size']}, this run "
+            f"has {fixed}: set train.global_batch_size: {stored['global_batch_size']} to resume it "
+            "(on any process count that divides it), or delete the file to start afresh."
+        )
+    per_rank = stored.get("batch_size")
+    was = f" of {per_rank * saved} images (train.batch_size {per_rank} x {saved})" if per_rank else ""
+    raise ResumeMismatchError(
+        f"{source} was written by a run of {saved} process(es), this run has {world_size}: the run "
+        f"has no train.global_batch_size, so its global batch{was} is train.batch_size x processes "
+        "and another process count would change it; each rank's random streams are also its own. "
+        f"Resume with {saved} process(es) (the stage's distributed.nproc_per_node: {saved}, or a "
+        f"launcher's --nnodes x --nproc-per-node = {saved}), or delete the file to start afresh. A run "
+        "started with train.global_batch_size set"
+        + (f" (e.g. {per_rank * saved})" if per_rank else "")
+        + " keeps its global batch on fewer processes by accumulating micro-batches, and resumes on "
+        "any process count that divides it."
+    )
+
+
+def restore_shared_streams(state: TrainingState, states: Mapping[str, Any]) -> None:
+    """After a change of the number of ranks: the shared generators, and fresh process streams.
+
+    ``state.generator`` and ``state.device_generator`` come from ``states``, rank 0's: under
+    ``global_batch_size`` a trainer draws from them only what every rank draws alike (the
+    distillation draws for the global batch) or nothing at all (the teacher draws from
+    ``engine.training.step_generator``). Python's, NumPy's and torch's global streams, which no
+    draw of a batch uses, are seeded from this process's seed and the step.
+    """
+    mixed = np.random.SeedSequence([state.seed, state.step]).generate_state(1, dtype=np.uint64)[0]
+    seed_everything(int(mixed) % 2**63)
+    state.generator.set_state(states["generator"])
+    if "device_generator" in states and state.device_generator is not state.generator:
+        state.device_generator.set_state(states["device_generator"])
 
 
 def resume_training_state(
@@ -253,12 +320,13 @@ def resume_training_state(
 
     Raises :class:`ResumeMismatchError` naming the settings that differ (keys in
     :data:`RESUME_NEUTRAL_KEYS` aside) when another configuration wrote it, or another number of
-    ranks.
+    ranks that cannot keep its global batch.
     """
     payload = load_checkpoint(path)
+    stored_train = _shaping_train_config(payload.get("train_config", {}))
     differences = config_differences(
-        {"run": payload.get("run_config", {}), "train": payload.get("train_config", {})},
-        {"run": dict(run_config), "train": config_to_dict(state.config)},
+        {"run": payload.get("run_config", {}), "train": stored_train},
+        {"run": dict(run_config), "train": _shaping_train_config(config_to_dict(state.config))},
         ignore=RESUME_NEUTRAL_KEYS,
     )
     if differences:

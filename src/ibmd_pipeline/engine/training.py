@@ -15,6 +15,12 @@ times an optimizer stepped, so optimizers that update several times per step (IB
 auxiliary model) follow the same schedule and nothing about it needs checkpointing. Batches are
 a pure function of the step too (:func:`epoch_batch_indices`). The final artefact of a run is
 :func:`export_checkpoint`; the working checkpoint for resuming is ``engine.resume``'s.
+
+Gradient accumulation (``train.global_batch_size``): :func:`plan_batches` splits each step's
+global batch into ``world size x accumulation`` micro-batches of ``batch_size`` images; a
+trainer back-propagates each micro-batch's loss with :func:`accumulate_gradients` (weight
+``1 / accumulation``: the rank's loss is the mean of its micro-batch means) and then applies
+one update with :func:`apply_update`. :func:`optimizer_step` is the two in one, for one batch.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,22 +36,29 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ibmd_pipeline.engine.config import require
+from ibmd_pipeline.engine.config import ConfigError, require
 from ibmd_pipeline.engine.devices import CompileConfig, place_module
+from ibmd_pipeline.engine.distributed import gradient_sync
 from ibmd_pipeline.engine.ema import EMA
 
 __all__ = [
+    "BatchPlan",
     "NonFiniteLossError",
     "TrainConfig",
     "TrainingState",
+    "accumulate_gradients",
+    "accumulated_update",
+    "apply_update",
     "check_finite_parameters",
     "create_training_state",
     "epoch_batch_indices",
     "export_checkpoint",
     "lr_factor",
     "optimizer_step",
+    "plan_batches",
     "seed_everything",
     "set_learning_rates",
+    "step_generator",
 ]
 
 
@@ -54,7 +67,16 @@ class TrainConfig:
     """Optimisation settings shared by the teacher and the distillation trainers.
 
     steps: training steps (calls of the step function).
-    batch_size: images per batch (read by the step function; the loop itself does not batch).
+    batch_size: images per batch and process (read by the step function; the loop itself does
+        not batch). With ``global_batch_size`` set it is the micro-batch: the images of one
+        forward pass.
+    global_batch_size: images per optimizer step over all processes; null = ``batch_size x
+        world size`` (no accumulation). When set, a multiple of ``batch_size``: each step
+        accumulates ``global_batch_size / (batch_size x world size)`` micro-batches per process
+        (:func:`plan_batches`), so the step sees the same images and the same noise on any
+        number of processes that divides it, and a working checkpoint resumes on another number
+        of processes. A trainer that honours it draws its batches and noise for the global batch
+        (from generators every rank holds alike, or seeded by the step) and splits them.
     lr: peak learning rate of AdamW (paper: 5e-5 for I2SB teachers, 1e-5 / 3e-6 for DDBM).
     weight_decay: AdamW's decoupled weight decay.
     betas: AdamW's moment decay rates, each in [0, 1).
@@ -81,6 +103,7 @@ class TrainConfig:
 
     steps: int = 1000
     batch_size: int = 64
+    global_batch_size: int | None = None
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -103,6 +126,13 @@ class TrainConfig:
         prefix = f"{key}." if key else ""
         require(self.steps >= 1, f"{prefix}steps", f"must be >= 1, got {self.steps}")
         require(self.batch_size >= 1, f"{prefix}batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.global_batch_size is not None:
+            require(
+                self.global_batch_size >= 1 and self.global_batch_size % self.batch_size == 0,
+                f"{prefix}global_batch_size",
+                f"must be null or a positive multiple of batch_size={self.batch_size} "
+                f"(batch_size x processes x accumulation steps), got {self.global_batch_size}",
+            )
         require(0.0 < self.lr <= 1.0, f"{prefix}lr", f"must be in (0, 1], got {self.lr}")
         require(self.weight_decay >= 0.0, f"{prefix}weight_decay", f"must be >= 0, got {self.weight_decay}")
         for i, beta in enumerate(self.betas):
@@ -275,30 +305,56 @@ def _is_finite(value: Tensor | float) -> bool:
     return math.isfinite(value)
 
 
-def optimizer_step(
-    state: TrainingState, name: str, loss: Tensor, parameters: Sequence[Tensor] | None = None
-) -> float:
-    """One update of optimizer ``name`` from ``loss``; returns the gradient norm before clipping.
+def _check_loss(state: TrainingState, name: str, loss: Tensor) -> None:
+    if not _is_finite(loss.detach()):
+        raise NonFiniteLossError(state.step, f"loss of '{name}'", float(loss.detach().float().mean()))
 
-    Checks the loss is finite before touching anything, back-propagates into ``parameters``
-    only (default: the optimizer's own; gradients of other networks the loss went through,
-    such as IBMD's teacher and auxiliary model, are not accumulated), checks the gradient
-    norm is finite, clips it to ``grad_clip``, steps, and updates the model's EMA if it has
-    one. The backward pass runs outside autocast. bfloat16 needs no gradient scaling.
-    Raises :class:`NonFiniteLossError` (the update is not applied).
+
+def _backward(state: TrainingState, loss: Tensor, params: list[Tensor]) -> None:
+    with torch.autocast(state.device.type, enabled=False):
+        loss.backward(inputs=params)
+
+
+def _trained_parameters(state: TrainingState, name: str, parameters: Sequence[Tensor] | None) -> list[Tensor]:
+    optimizer = state.optimizers[name]
+    if parameters is not None:
+        return list(parameters)
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def accumulate_gradients(
+    state: TrainingState,
+    name: str,
+    loss: Tensor,
+    *,
+    weight: float = 1.0,
+    parameters: Sequence[Tensor] | None = None,
+) -> None:
+    """Add the gradient of ``weight * loss`` to the ``.grad`` of optimizer ``name``'s parameters.
+
+    One micro-batch of an accumulated update: with micro-batch losses that are means over equal
+    micro-batches, ``weight = 1 / micro-batches`` makes the sum the gradient of the whole batch's
+    mean. Checks the loss is finite first (:class:`NonFiniteLossError`, nothing added) and
+    back-propagates into ``parameters`` only (default: the optimizer's own), outside autocast.
+    Under DDP, wrap every micro-batch but the last, forward included, in
+    :func:`~ibmd_pipeline.engine.distributed.gradient_sync` ``(module, False)``, so that only the
+    last backward averages over ranks. :func:`apply_update` then takes the update;
+    :func:`accumulated_update` does all of it.
+    """
+    _check_loss(state, name, loss)
+    _backward(state, loss if weight == 1.0 else loss * weight, _trained_parameters(state, name, parameters))
+
+
+def apply_update(state: TrainingState, name: str, parameters: Sequence[Tensor] | None = None) -> float:
+    """One update of optimizer ``name`` from the gradients accumulated since the last one.
+
+    Checks the gradient norm is finite, clips it to ``grad_clip``, steps, clears the gradients
+    and updates the model's EMA if it has one; returns the norm before clipping. Raises
+    :class:`NonFiniteLossError` (gradients cleared, the update not applied).
     """
     config = state.config
     optimizer = state.optimizers[name]
-    if not _is_finite(loss.detach()):
-        raise NonFiniteLossError(state.step, f"loss of '{name}'", float(loss.detach().float().mean()))
-    params = (
-        list(parameters)
-        if parameters is not None
-        else [p for group in optimizer.param_groups for p in group["params"]]
-    )
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(state.device.type, enabled=False):
-        loss.backward(inputs=params)
+    params = _trained_parameters(state, name, parameters)
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=state.device)
     if not _is_finite(norm):
@@ -313,6 +369,55 @@ def optimizer_step(
     grad_norm = float(norm)
     state.step_metrics[f"grad_norm/{name}"] = grad_norm
     return grad_norm
+
+
+def optimizer_step(
+    state: TrainingState, name: str, loss: Tensor, parameters: Sequence[Tensor] | None = None
+) -> float:
+    """One update of optimizer ``name`` from ``loss``; returns the gradient norm before clipping.
+
+    Checks the loss is finite before touching anything, back-propagates into ``parameters``
+    only (default: the optimizer's own; gradients of other networks the loss went through,
+    such as IBMD's teacher and auxiliary model, are not accumulated), checks the gradient
+    norm is finite, clips it to ``grad_clip``, steps, and updates the model's EMA if it has
+    one. The backward pass runs outside autocast. bfloat16 needs no gradient scaling.
+    Raises :class:`NonFiniteLossError` (the update is not applied). It is
+    :func:`accumulate_gradients` on cleared gradients followed by :func:`apply_update`.
+    """
+    _check_loss(state, name, loss)
+    params = _trained_parameters(state, name, parameters)
+    state.optimizers[name].zero_grad(set_to_none=True)
+    _backward(state, loss, params)
+    return apply_update(state, name, params)
+
+
+def accumulated_update(
+    state: TrainingState,
+    name: str,
+    micro_losses: Sequence[Callable[[], Tensor]],
+    *,
+    module: nn.Module | None = None,
+) -> tuple[float, list[Tensor]]:
+    """One update of optimizer ``name`` from the micro-batch losses ``micro_losses`` computes.
+
+    Each entry runs the forward pass of one micro-batch and returns its loss, a mean over the
+    micro-batch (micro-batches of equal size). The gradients start cleared, each loss is
+    back-propagated with weight ``1 / len(micro_losses)`` as soon as it is computed (so only
+    one micro-batch's activations are alive at a time), then one :func:`apply_update` follows:
+    the update of the mean loss over the whole batch. ``module``: the DDP wrapper of the trained
+    network; its gradients are averaged over ranks in the last micro-batch's backward only
+    (``no_sync`` for the others). With one entry it is :func:`optimizer_step`, to the bit.
+    Returns the gradient norm before clipping and the detached micro-batch losses.
+    """
+    weight = 1.0 / len(micro_losses)
+    state.optimizers[name].zero_grad(set_to_none=True)
+    losses = []
+    for i, compute in enumerate(micro_losses):
+        with gradient_sync(module, i == len(micro_losses) - 1):
+            loss = compute()
+            accumulate_gradients(state, name, loss, weight=weight)
+        losses.append(loss.detach())
+    return apply_update(state, name), losses
 
 
 def set_learning_rates(state: TrainingState, step: int) -> None:
@@ -349,6 +454,77 @@ def epoch_batch_indices(num_items: int, batch_size: int, step: int, seed: int) -
         start += take
         batch_size -= take
     return torch.cat(pieces)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's global batch is split over processes and micro-batches.
+
+    Rank ``r`` takes rows ``[r * per_rank, (r + 1) * per_rank)`` of the global batch (the order of
+    :func:`epoch_batch_indices` and of global noise draws) and feeds them in ``accumulation``
+    micro-batches of ``micro_batch`` rows (:meth:`micro_batches`).
+    """
+
+    global_batch: int
+    micro_batch: int
+    accumulation: int
+    world_size: int
+
+    @property
+    def per_rank(self) -> int:
+        """Rows of the global batch one process handles per step."""
+        return self.micro_batch * self.accumulation
+
+    def micro_batches(self) -> list[slice]:
+        """The rows of each micro-batch within this rank's part, in order."""
+        return [slice(i * self.micro_batch, (i + 1) * self.micro_batch) for i in range(self.accumulation)]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def plan_batches(config: TrainConfig, world_size: int, key: str = "train") -> BatchPlan:
+    """The :class:`BatchPlan` of ``config`` on ``world_size`` processes.
+
+    Without ``global_batch_size`` the global batch is ``batch_size x world_size``, one micro-batch
+    per process (no accumulation). With it, each process accumulates
+    ``global_batch_size / (batch_size x world_size)`` micro-batches; when that is not a whole
+    number the global batch cannot be kept, and a :class:`ConfigError` names
+    ``<key>.global_batch_size`` with the process counts and batch sizes that would keep it.
+    """
+    size = config.batch_size
+    if config.global_batch_size is None:
+        return BatchPlan(size * world_size, size, 1, world_size)
+    total = config.global_batch_size
+    accumulation, rest = divmod(total, size * world_size)
+    if rest == 0:
+        return BatchPlan(total, size, accumulation, world_size)
+    counts = ", ".join(str(d) for d in _divisors(total // size))
+    if total % world_size == 0:
+        sizes = ", ".join(str(d) for d in _divisors(total // world_size))
+        other_sizes = f"or keep {world_size} processes and set {key}.batch_size to one of {sizes}"
+    else:
+        other_sizes = f"no {key}.batch_size splits it over {world_size} processes"
+    raise ConfigError(
+        f"{key}.global_batch_size",
+        f"a global batch of {total} images cannot be kept on {world_size} process(es) with "
+        f"{key}.batch_size {size}: each process must accumulate global_batch_size / (batch_size x "
+        f"processes) = {total / (size * world_size):g} micro-batches, a whole number. Run on a process "
+        f"count that divides {total // size} ({counts}), {other_sizes} (the micro-batch size does "
+        "not change the result beyond float rounding, and a working checkpoint resumes with it), "
+        f"or change {key}.global_batch_size, which starts another run",
+    )
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` for the draws of loop step ``step``, the same on every rank.
+
+    Its seed mixes ``seed`` and ``step`` (NumPy's ``SeedSequence``), so draws made from it are a
+    function of the step alone: no state to checkpoint, the same whatever the world size.
+    """
+    mixed = np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(mixed) % 2**63)
 
 
 def check_finite_parameters(state: TrainingState) -> None:

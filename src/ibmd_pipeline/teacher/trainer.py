@@ -9,7 +9,11 @@ conditional (DDBM) network also sees ``xT``; for inpainting the error is taken o
 (``engine.launch.run_data_parallel`` decides); every process runs the same training function:
 the configured batch is per rank, each rank reads its shard of every global batch, gradients are
 averaged by DDP, logged losses are averaged over ranks, and only rank 0 validates, shows
-progress and exports. The loop itself (AdamW, EMA, clipping, LR warm-up and schedule, NaN guard,
+progress and exports. With ``train.global_batch_size`` the global batch is fixed instead: each
+rank feeds its shard in micro-batches of ``batch_size`` (gradient accumulation), and the times
+and noise of a step are drawn for the whole global batch from the step's own generator
+(:class:`GlobalDraws`), so every split of the batch over processes and micro-batches trains
+the same step. The loop itself (AdamW, EMA, clipping, LR warm-up and schedule, NaN guard,
 atomic resumable working checkpoints, one per run however many ranks) is
 ``engine.loop.run_training``.
 
@@ -23,6 +27,7 @@ the images of the coming steps while the device trains.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -47,17 +52,19 @@ from ibmd_pipeline.engine.distributed import (
     split_global_batch,
     wrap_ddp,
 )
-from ibmd_pipeline.engine.launch import run_data_parallel
+from ibmd_pipeline.engine.launch import launch_mode, run_data_parallel
 from ibmd_pipeline.engine.loop import run_training
 from ibmd_pipeline.engine.resume import config_differences, run_folder_name
 from ibmd_pipeline.engine.training import (
     NonFiniteLossError,
     TrainingState,
+    accumulated_update,
     create_training_state,
     epoch_batch_indices,
     export_checkpoint,
-    optimizer_step,
+    plan_batches,
     seed_everything,
+    step_generator,
 )
 from ibmd_pipeline.networks.predictors import X0Predictor
 from ibmd_pipeline.networks.unet import UNet
@@ -70,6 +77,7 @@ from ibmd_pipeline.teacher.model import (
 )
 
 __all__ = [
+    "GlobalDraws",
     "PairTensors",
     "TeacherPlan",
     "FixedValidationBatch",
@@ -308,6 +316,18 @@ class FixedValidationBatch:
 # --------------------------------------------------------------------------- training
 
 
+@dataclass(frozen=True)
+class GlobalDraws:
+    """The random inputs of one step with ``train.global_batch_size``: hole fill (inpainting),
+    times and noise (None for OT-ODE), this rank's rows of draws made for the whole global batch
+    from the step's own generator (``engine.training.step_generator``), so that every split of
+    the global batch over processes and micro-batches trains on the same draws."""
+
+    fill: Tensor | None
+    t: Tensor
+    noise: Tensor | None
+
+
 def _working_dir(workdir: str | None, run_folder: str) -> Path | None:
     """``workdir/<run folder>``, the folder of the run's one working checkpoint ``last.pt``.
 
@@ -348,8 +368,12 @@ def train_teacher(
     With ``workdir`` set, a working checkpoint is written every ``train.checkpoint_every``
     steps and at the end (by rank 0 only, one file for all ranks), and an interrupted run
     re-started with the same settings, data and number of processes continues from it, bit for
-    bit on the CPU.
+    bit on the CPU. With ``train.global_batch_size`` it also continues on another number of
+    processes that divides the global batch, equal up to float rounding (``engine.resume``).
     """
+    if launch_mode(config.distributed) == "local_workers":
+        # Every worker would stop at once on this; refuse before spawning them.
+        plan_batches(config.train, config.distributed.nproc_per_node, key="teacher.train")
     return run_data_parallel(
         _train_teacher_rank, config, train_bundle, val_bundle, task, progress,
         device=device, key="teacher.distributed",
@@ -365,6 +389,8 @@ def _train_teacher_rank(
     progress: bool,
 ) -> tuple[dict[str, Any], History]:
     """This process's part of :func:`train_teacher`, at its place ``ctx`` in the job."""
+    # Before any work: the global batch must split over this many processes.
+    batches = plan_batches(config.train, ctx.world_size, key="teacher.train")
     device = ctx.device
     task_config = task_from_params(task)
     if is_streamed(train_bundle):
@@ -386,18 +412,22 @@ def _train_teacher_rank(
     plan = plan_teacher(config, task_config, image_size=image_size, channels=channels)
     schedule, resolved = plan.schedule, plan.resolved
     use_bf16 = config.autocast_bf16(device)
+
     if ctx.is_main:
         logger.info(
-            "teacher for %s: %s bridge, %s network, %d training pairs, %s%s, world size %d",
+            "teacher for %s: %s bridge, %s network, %d training pairs, %s%s, global batch %d = "
+            "%d process(es) x %d micro-batch(es) of %d",
             task_config.kind,
             resolved.bridge.kind + (" OT-ODE" if resolved.bridge.ot_ode else ""),
             "conditional" if resolved.conditional else "unconditional",
             len(train_pairs),
             describe_device(device),
             ", bf16 autocast" if use_bf16 else "",
+            batches.global_batch,
             ctx.world_size,
+            batches.accumulation,
+            batches.micro_batch,
         )
-
     # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
     seed_everything(config.train.seed)
     net = UNet(resolved.unet)
@@ -412,14 +442,13 @@ def _train_teacher_rank(
     train_predictor = X0Predictor(wrap_ddp(state.models["model"], ctx), schedule, resolved.conditional)
     ema_predictor = X0Predictor(state.emas["model"].shadow, schedule, resolved.conditional)
 
-    global_batch = config.train.batch_size * ctx.world_size
-
     def batch_indices(step: int) -> Tensor:
-        indices = epoch_batch_indices(len(train_pairs), global_batch, step, config.train.seed)
+        indices = epoch_batch_indices(len(train_pairs), batches.global_batch, step, config.train.seed)
         return split_global_batch(indices, ctx)
 
-    # Batches are gathered into these buffers: no per-step allocation of the inputs.
-    x0 = torch.empty((config.train.batch_size, *shape), device=device)
+    # Batches are gathered into these buffers (this rank's rows of the global batch, all of its
+    # micro-batches): no per-step allocation of the inputs.
+    x0 = torch.empty((batches.per_rank, *shape), device=device)
     xT = torch.empty_like(x0)
     mask = torch.empty((x0.shape[0], 1, *shape[1:]), device=device) if task_config.has_mask else None
     if isinstance(train_pairs, StreamedPairs):
@@ -445,26 +474,70 @@ def _train_teacher_rank(
             if mask is not None:
                 torch.index_select(data.mask, 0, indices, out=mask)
 
+    def global_draws(step: int) -> GlobalDraws:
+        """This rank's rows of the hole fill, times and noise drawn for the whole global batch."""
+        generator = step_generator(config.train.seed, step, device)
+
+        def normal() -> Tensor:
+            size = (batches.global_batch, *shape)
+            return torch.randn(size, generator=generator, device=device, dtype=xT.dtype)
+
+        fill = None if mask is None else normal()
+        t = schedule.sample_time(batches.global_batch, generator=generator, device=device)
+        noise = None if schedule.deterministic else normal()
+        return GlobalDraws(
+            fill=None if fill is None else split_global_batch(fill, ctx),
+            t=split_global_batch(t, ctx),
+            noise=None if noise is None else split_global_batch(noise, ctx),
+        )
+
+    logged: list[float] = []  # the rank-averaged loss of each micro-batch of the step
+
+    def micro_loss(step: int, rows: slice, draws: GlobalDraws | None) -> Tensor:
+        part_mask = None if mask is None else mask[rows]
+        # CUDA autocast comes from run_training; on the CPU it is opt-in (config.cpu_bf16).
+        with autocast_context(device, use_bf16, allow_cpu=True):
+            if draws is None:
+                loss = bridge_matching_loss(
+                    train_predictor, x0[rows], xT[rows], schedule, mask=part_mask,
+                    generator=state.device_generator,
+                )
+            else:
+                loss = bridge_matching_loss(
+                    train_predictor, x0[rows], xT[rows], schedule, mask=part_mask,
+                    t=draws.t[rows], noise=None if draws.noise is None else draws.noise[rows],
+                )
+        # Decide on the rank-averaged value so that every rank stops (or skips) together.
+        mean_loss = all_reduce_mean(loss, ctx)
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(step, "loss", mean_loss)
+        logged.append(mean_loss)
+        return loss
+
     def step_fn(state: TrainingState, step: int) -> dict[str, float]:
         fill_batch(step)
+        # Without global_batch_size each rank draws from its own stream, as it always has; with
+        # it the draws belong to the global batch, so any split of it sees the same ones.
+        draws = None if config.train.global_batch_size is None else global_draws(step)
         if mask is not None:
             # The hole is refilled with fresh N(0, 1) noise every batch, as I2SB's training
             # corrupts every batch anew and as the distillation draws its xT: the degrade-time
             # fill is one draw, and a teacher trained on it alone would see another xT
             # distribution than its student (docs/method.md sec. 7.6).
-            fill = torch.randn(xT.shape, generator=state.device_generator, device=device, dtype=xT.dtype)
-            xT.copy_(torch.where(mask > 0, fill, xT))
-        # CUDA autocast comes from run_training; on the CPU it is opt-in (config.cpu_bf16).
-        with autocast_context(device, use_bf16, allow_cpu=True):
-            loss = bridge_matching_loss(
-                train_predictor, x0, xT, schedule, mask=mask, generator=state.device_generator
+            fill = (
+                torch.randn(xT.shape, generator=state.device_generator, device=device, dtype=xT.dtype)
+                if draws is None
+                else draws.fill
             )
-        # Decide on the rank-averaged value so that every rank stops (or skips) together.
-        mean_loss = all_reduce_mean(loss, ctx)
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(step, "loss", mean_loss)
-        optimizer_step(state, "model", loss)
-        return {"loss": mean_loss}
+            xT.copy_(torch.where(mask > 0, fill, xT))
+        logged.clear()
+        accumulated_update(
+            state,
+            "model",
+            [functools.partial(micro_loss, step, rows, draws) for rows in batches.micro_batches()],
+            module=train_predictor.net,
+        )
+        return {"loss": sum(logged) / len(logged)}
 
     validation = (
         FixedValidationBatch(
@@ -489,7 +562,8 @@ def _train_teacher_rank(
         "kind": "teacher",
         **{k: v for k, v in plan.checkpoint_config(config).items() if k != "teacher"},
         "data": {"train_pairs": len(train_pairs), "fingerprint": fingerprint},
-        "world_size": ctx.world_size,
+        # Not the process count: a changed one finds this run's checkpoint and resumes it (with
+        # train.global_batch_size) or says why it cannot (engine.resume).
         "autocast_bf16": use_bf16,
     }
     run_training(
