@@ -177,6 +177,9 @@ class EvaluationSetup:
     # "teacher" / "student" -> bfloat16 autocast in training as the checkpoint records it (None:
     # not recorded, e.g. an imported teacher or an older checkpoint)
     trained_bf16: dict[str, bool | None]
+    # "teacher" / "student" -> training steps (generator updates) as the checkpoint records them:
+    # what ran, after any time budget (None: not recorded)
+    trained_steps: dict[str, int | None]
 
     def teacher_runs(self) -> list[ModelRun]:
         """The main sampler at every NFE, then every further sampler mode."""
@@ -254,7 +257,16 @@ def prepare_evaluation(
             "teacher": teacher_checkpoint.get("autocast_bf16"),
             "student": None if student_checkpoint is None else student_checkpoint.get("autocast_bf16"),
         },
+        trained_steps={
+            "teacher": _recorded_steps(teacher_checkpoint),
+            "student": None if student_checkpoint is None else _recorded_steps(student_checkpoint),
+        },
     )
+
+
+def _recorded_steps(checkpoint: Mapping[str, Any]) -> int | None:
+    step = checkpoint.get("step")
+    return int(step) if isinstance(step, int | float) and not isinstance(step, bool) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,12 +681,14 @@ def build_report(
                 use_ema=config.use_ema,
                 samplers=[config.sampler, *config.teacher_modes],
                 trained_bf16=setup.trained_bf16["teacher"],
+                trained_steps=setup.trained_steps["teacher"],
             ),
             student=StudentFacts(
                 trained_nfe=student.nfe,
                 noise=student.noise,
                 evaluated_nfe=list(setup.student_nfe),
                 trained_bf16=setup.trained_bf16["student"],
+                trained_steps=setup.trained_steps["student"],
             ),
         ),
         classifier=ClassifierFacts(
