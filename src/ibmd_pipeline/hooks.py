@@ -30,6 +30,7 @@ from ibmd_pipeline.budget import (
     parse_budget_config,
     plan_budget,
     planned_parameters,
+    summarize_plan,
 )
 from ibmd_pipeline.parameters import check_section_names, parameter_sections, validate_parameters
 from ibmd_pipeline.tracking import (
@@ -197,7 +198,10 @@ class RunBudgetHooks:
         self.plan = plan_budget(
             config, times, params, nodes, explicit, scalable=not run_params.get("node_names")
         )
-        logger.info("%s", format_plan(self.plan))
+        # The block as one piece on the console (a log handler would wrap each line), and a one-line
+        # summary in the log.
+        print(format_plan(self.plan), flush=True)
+        logger.info("run plan: %s", summarize_plan(self.plan))
         self._overrides = {
             f"params:{section}": values for section, values in planned_parameters(self.plan, params).items()
         }

@@ -22,6 +22,7 @@ from ibmd_pipeline.budget import (
     plan_budget,
     planned_parameters,
     stage_seconds,
+    summarize_plan,
 )
 from ibmd_pipeline.engine.config import ConfigError
 
@@ -195,3 +196,13 @@ def test_the_setting_is_validated_and_the_error_names_the_key(values, key, messa
 def test_the_shipped_defaults():
     assert parse_budget_config(None) == BudgetConfig(minutes=None, floor=0.25, probe_steps=2)
     assert parse_budget_config({"minutes": None, "probe_steps": 0}).probe_steps == 0
+
+
+def test_the_log_line_sums_the_plan_up():
+    plan = plan_budget(BUDGET, FLOAT32, base_params(), DEFAULT_RUN)
+    teacher, distill = plan.planned[TEACHER_STEPS], plan.planned[DISTILL_STEPS]
+    assert summarize_plan(plan) == (
+        f"float32 (CPU without native bf16); teacher.train.steps {teacher:,} of 2,000, "
+        f"distill.train.steps {distill} of 300; expected total {plan.expected_seconds / 60:.1f} min "
+        "(budget 30 min)"
+    )

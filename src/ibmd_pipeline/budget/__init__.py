@@ -13,6 +13,7 @@ from ibmd_pipeline.budget.plan import (
     plan_budget,
     planned_parameters,
     stage_seconds,
+    summarize_plan,
 )
 from ibmd_pipeline.budget.probe import measure_step_times, precision_path
 
@@ -30,4 +31,5 @@ __all__ = [
     "planned_parameters",
     "precision_path",
     "stage_seconds",
+    "summarize_plan",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "plan_budget",
     "planned_parameters",
     "stage_seconds",
+    "summarize_plan",
 ]
 
 TEACHER_STEPS = "teacher.train.steps"
@@ -388,6 +389,16 @@ def planned_parameters(plan: BudgetPlan, params: Mapping[str, Any]) -> dict[str,
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60.0:.1f} min"
+
+
+def summarize_plan(plan: BudgetPlan) -> str:
+    """The plan in one line (for the log)."""
+    steps = ", ".join(
+        f"{key} {plan.planned[key]:,}" + ("" if plan.planned[key] == configured else f" of {configured:,}")
+        for key, configured in plan.configured.items()
+    )
+    budget = "no budget" if plan.budget_minutes is None else f"budget {plan.budget_minutes:g} min"
+    return f"{plan.times.path}; {steps}; expected total {_minutes(plan.expected_seconds)} ({budget})"
 
 
 def format_plan(plan: BudgetPlan) -> str:
