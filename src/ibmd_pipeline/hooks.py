@@ -119,6 +119,8 @@ class ParameterValidationHooks:
 
 #: The nodes whose step counts a budget plans, and the node that reads the distilled teacher.
 TEACHER_NODE, DISTILL_NODE = "train_teacher", "distill_student"
+#: The nodes that compute Inception features (the probe times Inception when one of them runs).
+INCEPTION_NODES = {"compute_fid_reference", "evaluate_teacher", "evaluate_models"}
 
 
 def base_parameters(context: Any) -> dict[str, Any]:
@@ -187,12 +189,14 @@ class RunBudgetHooks:
             except Exception as err:  # noqa: BLE001 - the distill node reports a missing teacher itself
                 logger.info("no run plan: the teacher to distil cannot be read (%s)", err)
                 return
+        fid = ((params.get("evaluate") or {}).get("fid") or {}).get("enabled", True)
         times = self._measure(
             params,
             teacher=trains,
             distill=distils,
             teacher_checkpoint=teacher_checkpoint,
             repeats=config.probe_steps,
+            inception=bool(fid) and bool(nodes & INCEPTION_NODES),
         )
         explicit = explicit_step_keys(params, self._base, run_params.get("runtime_params"))
         self.plan = plan_budget(

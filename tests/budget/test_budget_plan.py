@@ -206,3 +206,16 @@ def test_the_log_line_sums_the_plan_up():
         f"distill.train.steps {distill} of 300; expected total {plan.expected_seconds / 60:.1f} min "
         "(budget 30 min)"
     )
+
+
+def test_a_measured_inception_time_scales_the_evaluation_and_the_fixed_costs():
+    params, steps = base_params(), {TEACHER_STEPS: 2000, DISTILL_STEPS: 300}
+    assumed = stage_seconds(params, DEFAULT_RUN, FLOAT32, steps)
+    busy = StepTimes(0.69, 3.4, 0.003, "float32", probe=15.0, inception_image=0.48)  # 3x the assumed 0.16
+    measured = stage_seconds(params, DEFAULT_RUN, busy, steps)
+    assert measured["degrade"] == pytest.approx(3 * assumed["degrade"])
+    inception = (300 + 200 * 4 + 200) * (0.48 - 0.16)  # reference, xT and 3 teacher NFEs, student
+    fixed = 2 * (25 + 45)  # classifier, report
+    assert measured["evaluation"] - assumed["evaluation"] == pytest.approx(inception + fixed)
+    assert measured["teacher"] == assumed["teacher"]
+    assert "Inception 0.48 s/image" in format_plan(plan_budget(BUDGET, busy, params, DEFAULT_RUN))

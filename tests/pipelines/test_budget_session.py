@@ -57,7 +57,7 @@ def test_a_binding_budget_trains_fewer_steps_and_the_checkpoint_says_how_many(
     run = run_kedro(["teacher"], params=params)
     plan = budget_hook.plan
     assert budget_hook.calls == [
-        {"teacher": True, "distill": False, "teacher_checkpoint": None, "repeats": 1}
+        {"teacher": True, "distill": False, "teacher_checkpoint": None, "repeats": 1, "inception": False}
     ]
     assert plan.configured == {TEACHER_STEPS: 24} and plan.planned == {TEACHER_STEPS: 8}
     checkpoint = teacher_weights(run)
@@ -145,6 +145,7 @@ def test_the_probe_restores_every_global_random_stream():
     expected = draws()
     for seed_all in (torch.manual_seed, np.random.seed, random.seed):
         seed_all(7)
-    times = measure_step_times(params, teacher=True, distill=True, repeats=1)
+    times = measure_step_times(params, teacher=True, distill=True, repeats=1, inception=True)
     assert draws() == expected
     assert times.teacher_step > 0 and times.ibmd_update > 0 and times.forward_image > 0
+    assert times.inception_image > 0

@@ -9,7 +9,7 @@ The model of a run's time is deliberately simple:
 
     expected = probe + teacher steps x teacher step + updates x IBMD update
                + network evaluations of one image x (forward of one image)   # sampling, validation
-               + Inception images x INCEPTION_SECONDS + fixed stage costs
+               + Inception images x (Inception forward of one image) + fixed stage costs
 
 When it exceeds ``budget.minutes``, both step counts are scaled by one factor (never below
 ``budget.floor`` of the configured ones) so that the training fits what the other stages leave;
@@ -43,11 +43,13 @@ __all__ = [
 TEACHER_STEPS = "teacher.train.steps"
 DISTILL_STEPS = "distill.train.steps"
 
-#: Seconds of one 299x299 Inception forward per image on 2 cores (conf/base/parameters_evaluate.yml).
+#: Seconds of one 299x299 Inception forward per image on 2 idle cores
+#: (conf/base/parameters_evaluate.yml), used when the probe did not time it.
 INCEPTION_SECONDS = 0.16
 #: Stage costs that do not depend on the networks' step time, measured in the default run on 2
-#: cores (README): the degrade pipeline, the CA classifier's training, the evaluation's
-#: intervals, speed rounds and report.
+#: idle cores (README): the degrade pipeline, the CA classifier's training, the evaluation's
+#: intervals, speed rounds and report. They are scaled by the measured Inception time over
+#: :data:`INCEPTION_SECONDS`: a slower (or busier) machine is slower at these too.
 DEGRADE_SECONDS = 30.0
 CLASSIFIER_SECONDS = 25.0
 REPORT_SECONDS = 45.0
@@ -105,6 +107,8 @@ class StepTimes:
     ibmd_update: one IBMD update (L auxiliary updates and one generator update); None when the
         run does not distil.
     forward_image: one network evaluation of one image without gradients (sampling, validation).
+    inception_image: one Inception forward of one image (FID features); None = not measured
+        (:data:`INCEPTION_SECONDS` is assumed).
     path: the training precision, e.g. ``native bf16`` or ``float32 (no native bf16 on this CPU)``.
     probe: what the probe itself took.
     """
@@ -114,6 +118,7 @@ class StepTimes:
     forward_image: float
     path: str
     probe: float = 0.0
+    inception_image: float | None = None
 
 
 @dataclass(frozen=True)
@@ -196,11 +201,13 @@ def stage_seconds(
     the classifier and the report. Uses the parameters as the nodes read them.
     """
     forward = times.forward_image
+    inception_image = times.inception_image or INCEPTION_SECONDS
+    machine = inception_image / INCEPTION_SECONDS  # how much slower than where the constants were measured
     stages: dict[str, float] = {}
     if times.probe:
         stages["probe"] = times.probe
     if "make_pairs" in nodes:
-        stages["degrade"] = DEGRADE_SECONDS
+        stages["degrade"] = DEGRADE_SECONDS * machine
     teacher = params.get("teacher") or {}
     if "train_teacher" in nodes and times.teacher_step is not None:
         validation = teacher.get("validation") or {}
@@ -226,9 +233,9 @@ def stage_seconds(
     fid = evaluate.get("fid") or {}
     inception = fid.get("enabled", True)
     if "train_ca_classifier" in nodes:
-        seconds += CLASSIFIER_SECONDS
+        seconds += CLASSIFIER_SECONDS * machine
     if "compute_fid_reference" in nodes and inception:
-        seconds += int(fid.get("reference_images") or 0) * INCEPTION_SECONDS
+        seconds += int(fid.get("reference_images") or 0) * inception_image
     images = int(evaluate.get("num_images", 300)) * int(evaluate.get("num_seeds", 1))
     fid_images = min(int(fid.get("num_images") or images), images)
     if "evaluate_teacher" in nodes:
@@ -242,9 +249,9 @@ def stage_seconds(
             restorations += modes * sum(nfes) * int(closeness.get("num_images", 50)) * extra_draws
         seconds += restorations * forward
         if inception:
-            seconds += fid_images * (1 + modes * len(nfes)) * INCEPTION_SECONDS
+            seconds += fid_images * (1 + modes * len(nfes)) * inception_image
     if "evaluate_models" in nodes:
-        seconds += REPORT_SECONDS + (fid_images * INCEPTION_SECONDS if inception else 0.0)
+        seconds += REPORT_SECONDS * machine + (fid_images * inception_image if inception else 0.0)
     if seconds:
         stages["evaluation"] = seconds
     return stages
@@ -413,6 +420,8 @@ def format_plan(plan: BudgetPlan) -> str:
     if times.ibmd_update is not None:
         measured.append(f"IBMD update {times.ibmd_update:.3g} s")
     measured.append(f"one image's network evaluation {times.forward_image * 1e3:.3g} ms")
+    if times.inception_image is not None:
+        measured.append(f"Inception {times.inception_image:.3g} s/image")
     lines.append(f"  measured: {', '.join(measured)} (probe {times.probe:.0f} s, not training)")
     for key, configured in plan.configured.items():
         planned = plan.planned[key]

@@ -162,6 +162,21 @@ def _forward_image(
     return _median_seconds(forward, 2, device) / len(xT)
 
 
+def _inception_image(device: torch.device, batch: int = 8) -> float:
+    """Seconds of one 299x299 Inception-v3 forward of one image (random weights: FID's network
+    has the same layers), float32, no gradients."""
+    from torchvision.models import inception_v3
+
+    net = inception_v3(weights=None, aux_logits=False, init_weights=False).eval().to(device)
+    images = torch.randn(batch, 3, 299, 299, device=device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            net(images)
+
+    return _median_seconds(forward, 1, device) / batch
+
+
 def measure_step_times(
     params: Mapping[str, Any],
     *,
@@ -169,10 +184,12 @@ def measure_step_times(
     distill: bool,
     teacher_checkpoint: Mapping[str, Any] | None = None,
     repeats: int = 2,
+    inception: bool = False,
 ) -> StepTimes:
     """Median seconds of ``repeats`` teacher steps (with ``teacher``) and IBMD updates (with
-    ``distill``) of the networks ``params`` describe, each after a warm-up, and of one image's
-    network evaluation, on ``engine.device`` with ``engine.num_threads``.
+    ``distill``) of the networks ``params`` describe, each after a warm-up, of one image's
+    network evaluation, and (with ``inception``) of one image's Inception forward, on
+    ``engine.device`` with ``engine.num_threads``.
 
     ``teacher_checkpoint``: the teacher the distillation will read (its network is timed);
     None = a random teacher of ``params:teacher``'s network. Global random streams are left as
@@ -210,5 +227,13 @@ def measure_step_times(
             update = _ibmd_update(checkpoint, distill_config, device, images, task.kind)
             ibmd_update = _median_seconds(update, repeats, device)
         forward = _forward_image(checkpoint, device, images, evaluate_batch)
+        inception_image = _inception_image(device) if inception else None
     path = precision_path(teacher_config if teacher else distill_config, device)
-    return StepTimes(teacher_step, ibmd_update, forward, path, probe=time.perf_counter() - begin)
+    return StepTimes(
+        teacher_step,
+        ibmd_update,
+        forward,
+        path,
+        probe=time.perf_counter() - begin,
+        inception_image=inception_image,
+    )
