@@ -215,7 +215,7 @@ def test_a_measured_inception_time_scales_the_evaluation_and_the_fixed_costs():
     measured = stage_seconds(params, DEFAULT_RUN, busy, steps)
     assert measured["degrade"] == pytest.approx(3 * assumed["degrade"])
     inception = (300 + 200 * 4 + 200) * (0.48 - 0.16)  # reference, xT and 3 teacher NFEs, student
-    fixed = 2 * (25 + 45)  # classifier, report
+    fixed = 2 * (25 + 15)  # classifier, report
     assert measured["evaluation"] - assumed["evaluation"] == pytest.approx(inception + fixed)
     assert measured["teacher"] == assumed["teacher"]
     assert "Inception 0.48 s/image" in format_plan(plan_budget(BUDGET, busy, params, DEFAULT_RUN))

@@ -48,11 +48,14 @@ DISTILL_STEPS = "distill.train.steps"
 INCEPTION_SECONDS = 0.16
 #: Stage costs that do not depend on the networks' step time, measured in the default run on 2
 #: idle cores (README): the degrade pipeline, the CA classifier's training, the evaluation's
-#: intervals, speed rounds and report. They are scaled by the measured Inception time over
+#: intervals and report. They are scaled by the measured Inception time over
 #: :data:`INCEPTION_SECONDS`: a slower (or busier) machine is slower at these too.
 DEGRADE_SECONDS = 30.0
 CLASSIFIER_SECONDS = 25.0
-REPORT_SECONDS = 45.0
+REPORT_SECONDS = 15.0
+#: A sampling call at batch 1 costs about this many images of a batched call (an assumption:
+#: a small batch uses the cores poorly); the speed rounds time every model at both.
+BATCH_ONE_IMAGES = 8
 
 #: The student's FID (NFE 1, 200 test images) after n generator updates of one distillation,
 #: sr4x_bicubic on the embedded data at the default settings (batch 32, L = 5, lr 3e-4):
@@ -252,6 +255,13 @@ def stage_seconds(
             seconds += fid_images * (1 + modes * len(nfes)) * inception_image
     if "evaluate_models" in nodes:
         seconds += REPORT_SECONDS * machine + (fid_images * inception_image if inception else 0.0)
+        # every model timed at batch 1 and speed.batch_size, in warm-up, sizing and the rounds
+        speed = evaluate.get("speed") or {}
+        calls = int(speed.get("warmup", 1)) + 1 + int(speed.get("repeats", 5))
+        nfes = list(evaluate.get("teacher_nfe", [1, 10, 100]))
+        modes = 1 + len(evaluate.get("teacher_modes", []))
+        per_call = int(speed.get("batch_size", 16)) + BATCH_ONE_IMAGES
+        seconds += calls * (modes * sum(nfes) + 4) * per_call * forward  # the students: at most 4 steps
     if seconds:
         stages["evaluation"] = seconds
     return stages

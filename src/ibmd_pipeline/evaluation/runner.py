@@ -436,12 +436,15 @@ def score_students(
     return measurements, elapsed
 
 
-def time_models(setup: EvaluationSetup, runs: list[ModelRun]) -> dict[str, dict[str, RoundRobinTiming]]:
+def time_models(
+    setup: EvaluationSetup, runs: list[ModelRun], progress: bool = False
+) -> dict[str, dict[str, RoundRobinTiming]]:
     """Latency (batch of one) and throughput (``speed.batch_size``) of every run, timed together
     in interleaved rounds with a fixed thread count (:func:`~ibmd_pipeline.metrics.speed.time_round_robin`).
 
     Returns ``{label: {"latency": timing, "throughput": timing}}``; every call restores the first
     test images (repeated to fill the batch) with a generator seeded with ``evaluate.seed``.
+    ``progress``: a bar over the timed calls with the remaining time.
     """
     config, device = setup.config, setup.device
     size = config.speed.batch_size
@@ -472,6 +475,7 @@ def time_models(setup: EvaluationSetup, runs: list[ModelRun]) -> dict[str, dict[
         min_seconds=speed.min_seconds,
         threads=speed.threads or None,
         device=device,
+        progress=progress,
     )
     result: dict[str, dict[str, RoundRobinTiming]] = {}
     for key, timing in timings.items():
@@ -851,7 +855,7 @@ def _evaluate_on_rank(
     if not ctx.is_main:
         return None
     tick = time.perf_counter()
-    timings = time_models(setup, setup.teacher_runs() + setup.student_runs())
+    timings = time_models(setup, setup.teacher_runs() + setup.student_runs(), progress=progress)
     elapsed_speed = time.perf_counter() - tick
     scoring = Scoring(corrupted, teachers, students, timings, {**elapsed, **student_elapsed}, version)
     report = build_report(setup, scoring, elapsed_speed, started, ctx.world_size)
