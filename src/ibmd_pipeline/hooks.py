@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
 from ibmd_pipeline.budget import (
+    BudgetPlan,
+    StepTimes,
     explicit_step_keys,
     format_plan,
     measure_step_times,
@@ -145,7 +147,7 @@ class RunBudgetHooks:
     Before the first node of a run that trains the teacher or distils (and after the parameters
     were validated), a few teacher steps and IBMD updates are timed on this machine
     (:func:`~ibmd_pipeline.budget.measure_step_times`, outside the training's random streams), the
-    run's time is predicted, and the plan is logged: the precision path, the measured times,
+    run's time is predicted, and the plan is printed: the precision path, the measured times,
     the steps, the expected time per stage and in total. When the prediction exceeds
     ``budget.minutes``, the teacher's steps and the distillation's updates are scaled down
     (:func:`~ibmd_pipeline.budget.plan_budget`) and the nodes that read ``params:teacher`` and
@@ -156,12 +158,12 @@ class RunBudgetHooks:
     ``measure`` replaces the probe (tests inject step times with it).
     """
 
-    def __init__(self, measure: Any = measure_step_times) -> None:
+    def __init__(self, measure: Callable[..., StepTimes] = measure_step_times) -> None:
         self._measure = measure
         self._params: dict[str, Any] = {}
         self._base: dict[str, Any] = {}
         self._overrides: dict[str, Any] = {}
-        self.plan: Any = None
+        self.plan: BudgetPlan | None = None
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
