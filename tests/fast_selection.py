@@ -12,6 +12,7 @@ from __future__ import annotations
 FAST_MODULES: tuple[str, ...] = (
     "bridges/test_x0_predictor.py",
     "bridges/test_bridge_losses.py",
+    "budget/test_budget_plan.py",
     "data/test_folder_sources.py",
     "data/test_splits_and_pairs.py",
     "data/test_teacher_conventions.py",

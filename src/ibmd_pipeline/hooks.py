@@ -1,5 +1,6 @@
-"""Kedro hooks of the project: every parameter checked before the first node runs, and optional
-MLflow tracking of each run through kedro-mlflow (``params:tracking``).
+"""Kedro hooks of the project: every parameter checked before the first node runs, the run's
+time budget planned from measured step times (``params:budget``), and optional MLflow tracking
+of each run through kedro-mlflow (``params:tracking``).
 
 With ``tracking.enabled: false`` (the default) the tracking hook reads the block, validates it
 and does nothing else: kedro-mlflow's hook is not started and nothing is written. With
@@ -14,13 +15,25 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
+from ibmd_pipeline.budget import (
+    BudgetPlan,
+    StepTimes,
+    explicit_step_keys,
+    format_plan,
+    measure_step_times,
+    parse_budget_config,
+    plan_budget,
+    planned_parameters,
+    summarize_plan,
+)
 from ibmd_pipeline.parameters import check_section_names, parameter_sections, validate_parameters
 from ibmd_pipeline.tracking import (
     TRACKING_REQUIREMENTS,
@@ -102,7 +115,108 @@ class ParameterValidationHooks:
         sections = parameter_sections(requested_pipeline(run_params.get("pipeline_names")).inputs())
         if "engine" not in parameter_sections(pipeline.inputs()):
             sections.discard("engine")
-        validate_parameters(self._params, sections)
+        # Read by the run's budget hook, not by a node: checked in every run.
+        validate_parameters(self._params, sections | {"budget"})
+
+
+#: The nodes whose step counts a budget plans, and the node that reads the distilled teacher.
+TEACHER_NODE, DISTILL_NODE = "train_teacher", "distill_student"
+#: The nodes that compute Inception features (the probe times Inception when one of them runs).
+INCEPTION_NODES = {"compute_fid_reference", "evaluate_teacher", "evaluate_models"}
+
+
+def base_parameters(context: Any) -> dict[str, Any]:
+    """The parameters of ``conf/base`` alone (no ``conf/local``, no ``--env``, no ``--params``),
+    merged section by section, interpolations left unresolved.
+
+    Read as plain YAML: a second config loader would re-register the ``globals`` resolver and
+    point this run's catalog at ``conf/base``'s data root."""
+    import yaml
+
+    loader = context.config_loader
+    base = Path(str(loader.conf_source)) / getattr(loader, "base_env", "base")
+    merged: dict[str, Any] = {}
+    for path in sorted(base.glob("parameters*.yml")) + sorted(base.glob("parameters*/**/*.yml")):
+        merged.update(yaml.safe_load(path.read_text()) or {})
+    return merged
+
+
+class RunBudgetHooks:
+    """The expected run time at the start of every run that trains, and the time budget.
+
+    Before the first node of a run that trains the teacher or distils (and after the parameters
+    were validated), a few teacher steps and IBMD updates are timed on this machine
+    (:func:`~ibmd_pipeline.budget.measure_step_times`, outside the training's random streams), the
+    run's time is predicted, and the plan is printed: the precision path, the measured times,
+    the steps, the expected time per stage and in total. When the prediction exceeds
+    ``budget.minutes``, the teacher's steps and the distillation's updates are scaled down
+    (:func:`~ibmd_pipeline.budget.plan_budget`) and the nodes that read ``params:teacher`` and
+    ``params:distill`` get the planned values. Steps set explicitly (``--params``, or another
+    value than ``conf/base``'s) are never changed; a slice of a pipeline (``--nodes``, an Airflow
+    task) is estimated but not scaled, since the rest of its run is not in view.
+
+    ``measure`` replaces the probe (tests inject step times with it).
+    """
+
+    def __init__(self, measure: Callable[..., StepTimes] = measure_step_times) -> None:
+        self._measure = measure
+        self._params: dict[str, Any] = {}
+        self._base: dict[str, Any] = {}
+        self._overrides: dict[str, Any] = {}
+        self.plan: BudgetPlan | None = None
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._params = dict(context.params)
+        self._base = base_parameters(context)
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._overrides, self.plan = {}, None
+        nodes = {node.name for node in pipeline.nodes}
+        trains, distils = TEACHER_NODE in nodes, DISTILL_NODE in nodes
+        config = parse_budget_config(self._params.get("budget"))
+        if not (trains or distils) or config.probe_steps == 0:
+            return
+        params = self._params
+        for section in ("teacher", "distill"):
+            distributed = (params.get(section) or {}).get("distributed") or {}
+            if int(distributed.get("nproc_per_node", 1)) > 1:
+                logger.info("no run plan: %s trains on several processes (the probe times one)", section)
+                return
+        teacher_checkpoint = None
+        if distils and not trains:  # the distillation reads the teacher in the catalog
+            try:
+                teacher_checkpoint = catalog.load("teacher_model")
+            except Exception as err:  # noqa: BLE001 - the distill node reports a missing teacher itself
+                logger.info("no run plan: the teacher to distil cannot be read (%s)", err)
+                return
+        fid = ((params.get("evaluate") or {}).get("fid") or {}).get("enabled", True)
+        times = self._measure(
+            params,
+            teacher=trains,
+            distill=distils,
+            teacher_checkpoint=teacher_checkpoint,
+            repeats=config.probe_steps,
+            inception=bool(fid) and bool(nodes & INCEPTION_NODES),
+        )
+        explicit = explicit_step_keys(params, self._base, run_params.get("runtime_params"))
+        self.plan = plan_budget(
+            config, times, params, nodes, explicit, scalable=not run_params.get("node_names")
+        )
+        # The block as one piece on the console (a log handler would wrap each line), and a one-line
+        # summary in the log.
+        print(format_plan(self.plan), flush=True)
+        logger.info("run plan: %s", summarize_plan(self.plan))
+        self._overrides = {
+            f"params:{section}": values for section, values in planned_parameters(self.plan, params).items()
+        }
+
+    @hook_impl
+    def before_node_run(self, node: Any, catalog: Any, inputs: dict[str, Any], is_async: bool) -> Any:
+        """The planned ``params:teacher`` / ``params:distill`` for the nodes that read them."""
+        planned = {name: values for name, values in self._overrides.items() if name in inputs}
+        return planned or None
 
 
 def start_kedro_mlflow() -> Any:

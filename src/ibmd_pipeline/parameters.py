@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from ibmd_pipeline.budget.plan import parse_budget_config
 from ibmd_pipeline.data import DataConfig, check_seed
 from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.deploy.export import ExportConfig
@@ -46,6 +47,7 @@ SECTION_PARSERS: dict[str, Callable[[Any], Any]] = {
     "export": lambda values: parse_config(ExportConfig, values, "export"),
     "evaluate": lambda values: parse_evaluate_config(values, "evaluate"),
     "tracking": parse_tracking_config,
+    "budget": parse_budget_config,
 }
 
 

@@ -283,7 +283,7 @@ def test_each_row_is_an_environment_with_its_own_data_root():
         assert rb.row_data_root(row) == PROJECT_ROOT / "benchmarks" / "work" / row / "data"
     # the row's settings are what its environment changes over conf/base, nothing else
     assert rb.row_settings("jpeg5")["task"] == {"kind": "jpeg", "jpeg_quality": 5}
-    assert set(rb.row_settings("jpeg5")) == {"task", "teacher", "distill", "evaluate"}
+    assert set(rb.row_settings("jpeg5")) == {"task", "teacher", "distill", "evaluate", "budget"}
 
 
 def test_a_data_root_that_is_not_a_rows_own_is_never_wiped(tmp_path):

@@ -22,6 +22,7 @@ from ibmd_pipeline.evaluation import (
     check_report,
     compute_fid_reference,
     evaluate_teacher,
+    metrics_table,
     prepare_evaluation,
     restore_images,
     run_evaluation,
@@ -499,3 +500,19 @@ def test_the_report_records_each_model_s_training_precision(pairs_test, teacher_
     unrecorded = {k: v for k, v in teacher_sr.items() if k != "autocast_bf16"}  # e.g. imported
     models = evaluate(pairs_test, unrecorded, student, references, config).report["models"]
     assert models["teacher"]["trained_bf16"] is None
+
+
+def test_the_report_records_the_training_steps_that_ran(pairs_test, teacher_sr, student_sr, references):
+    # after a time budget, the checkpoints' step counts are what ran (not the configured ones)
+    teacher = {**teacher_sr, "step": 1050, "autocast_bf16": False}
+    student = {**student_sr, "step": 150, "autocast_bf16": False}
+    config = tiny_config(fid={"enabled": False}, lpips={"enabled": False})
+    report = evaluate(pairs_test, teacher, student, references, config).report
+    assert report["models"]["teacher"]["trained_steps"] == 1050
+    assert report["models"]["student"]["trained_steps"] == 150
+    table = metrics_table(report)
+    assert "Training: teacher 1,050 steps in float32, student 150 generator updates in float32." in table
+    unrecorded = {k: v for k, v in teacher_sr.items() if k not in ("step", "autocast_bf16")}
+    report = evaluate(pairs_test, unrecorded, student, references, config).report
+    assert report["models"]["teacher"]["trained_steps"] is None
+    assert "Training: teacher steps not recorded, student 150" in metrics_table(report)

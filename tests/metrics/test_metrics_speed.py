@@ -99,6 +99,15 @@ def test_round_robin_rotates_the_order_and_reports_median_and_iqr():
         assert timings[label].loops == 1
 
 
+def test_round_robin_shows_a_bar_with_the_remaining_time(capsys):
+    clock = FakeClock()
+    calls = {label: clock.call(label, 0.1) for label in "ab"}
+    speed.time_round_robin(calls, rounds=3, warmup=1, min_seconds=0.0, clock=clock, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    # 2 calls x (1 warm-up + 1 sizing + 3 rounds) measurements, with tqdm's elapsed<remaining
+    assert any(line.startswith("timing: 100%") and "10/10 [" in line and "<" in line for line in bar)
+
+
 def test_short_calls_are_repeated_to_fill_a_measurement():
     clock = FakeClock()
     calls = {"fast": clock.call("fast", 0.01), "slow": clock.call("slow", 0.3)}

@@ -103,6 +103,7 @@ def test_each_section_fails_with_its_own_key():
         "evaluate": {"num_images": 1},
         "tracking": {"enabled": "yes please"},
         "teacher_import": {"format": "i2sb", "checkpoint": None},
+        "budget": {"minutes": 0},
     }
     assert set(bad_values) == set(SECTION_PARSERS)
     for section, value in bad_values.items():

@@ -281,6 +281,24 @@ def metrics_table(report: EvaluationReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _training_fact(models: Mapping[str, Any]) -> str:
+    """What training ran, as the checkpoints record it (after any time budget)."""
+
+    def precision(facts: Mapping[str, Any]) -> str:
+        bf16 = facts.get("trained_bf16")
+        return "" if bf16 is None else (" in bf16" if bf16 else " in float32")
+
+    def count(facts: Mapping[str, Any], unit: str) -> str:
+        steps = facts.get("trained_steps")
+        return f"{unit} not recorded" if steps is None else f"{steps:,} {unit}"
+
+    teacher, student = models["teacher"], models["student"]
+    return (
+        f"Training: teacher {count(teacher, 'steps')}{precision(teacher)}, student "
+        f"{count(student, 'generator updates')}{precision(student)}."
+    )
+
+
 def _facts(report: EvaluationReport) -> list[str]:
     protocol, classifier = report["protocol"], report["classifier"]
     facts = [""]
@@ -330,6 +348,7 @@ def _facts(report: EvaluationReport) -> list[str]:
         "every model; "
         f"means: {bootstrap['means']}; FID and KID: {bootstrap['sets']}."
     )
+    facts.append(_training_fact(report["models"]))
     versions = report["checkpoints"]
     facts.append(
         f"Checkpoints: teacher {versions['teacher']}, student {versions['student']} "

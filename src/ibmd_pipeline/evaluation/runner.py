@@ -177,6 +177,9 @@ class EvaluationSetup:
     # "teacher" / "student" -> bfloat16 autocast in training as the checkpoint records it (None:
     # not recorded, e.g. an imported teacher or an older checkpoint)
     trained_bf16: dict[str, bool | None]
+    # "teacher" / "student" -> training steps (generator updates) as the checkpoint records them:
+    # what ran, after any time budget (None: not recorded)
+    trained_steps: dict[str, int | None]
 
     def teacher_runs(self) -> list[ModelRun]:
         """The main sampler at every NFE, then every further sampler mode."""
@@ -254,7 +257,16 @@ def prepare_evaluation(
             "teacher": teacher_checkpoint.get("autocast_bf16"),
             "student": None if student_checkpoint is None else student_checkpoint.get("autocast_bf16"),
         },
+        trained_steps={
+            "teacher": _recorded_steps(teacher_checkpoint),
+            "student": None if student_checkpoint is None else _recorded_steps(student_checkpoint),
+        },
     )
+
+
+def _recorded_steps(checkpoint: Mapping[str, Any]) -> int | None:
+    step = checkpoint.get("step")
+    return int(step) if isinstance(step, int | float) and not isinstance(step, bool) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,12 +436,15 @@ def score_students(
     return measurements, elapsed
 
 
-def time_models(setup: EvaluationSetup, runs: list[ModelRun]) -> dict[str, dict[str, RoundRobinTiming]]:
+def time_models(
+    setup: EvaluationSetup, runs: list[ModelRun], progress: bool = False
+) -> dict[str, dict[str, RoundRobinTiming]]:
     """Latency (batch of one) and throughput (``speed.batch_size``) of every run, timed together
     in interleaved rounds with a fixed thread count (:func:`~ibmd_pipeline.metrics.speed.time_round_robin`).
 
     Returns ``{label: {"latency": timing, "throughput": timing}}``; every call restores the first
     test images (repeated to fill the batch) with a generator seeded with ``evaluate.seed``.
+    ``progress``: a bar over the timed calls with the remaining time.
     """
     config, device = setup.config, setup.device
     size = config.speed.batch_size
@@ -460,6 +475,7 @@ def time_models(setup: EvaluationSetup, runs: list[ModelRun]) -> dict[str, dict[
         min_seconds=speed.min_seconds,
         threads=speed.threads or None,
         device=device,
+        progress=progress,
     )
     result: dict[str, dict[str, RoundRobinTiming]] = {}
     for key, timing in timings.items():
@@ -669,12 +685,14 @@ def build_report(
                 use_ema=config.use_ema,
                 samplers=[config.sampler, *config.teacher_modes],
                 trained_bf16=setup.trained_bf16["teacher"],
+                trained_steps=setup.trained_steps["teacher"],
             ),
             student=StudentFacts(
                 trained_nfe=student.nfe,
                 noise=student.noise,
                 evaluated_nfe=list(setup.student_nfe),
                 trained_bf16=setup.trained_bf16["student"],
+                trained_steps=setup.trained_steps["student"],
             ),
         ),
         classifier=ClassifierFacts(
@@ -837,7 +855,7 @@ def _evaluate_on_rank(
     if not ctx.is_main:
         return None
     tick = time.perf_counter()
-    timings = time_models(setup, setup.teacher_runs() + setup.student_runs())
+    timings = time_models(setup, setup.teacher_runs() + setup.student_runs(), progress=progress)
     elapsed_speed = time.perf_counter() - tick
     scoring = Scoring(corrupted, teachers, students, timings, {**elapsed, **student_elapsed}, version)
     report = build_report(setup, scoring, elapsed_speed, started, ctx.world_size)

@@ -120,6 +120,9 @@ class TeacherFacts(TypedDict):
     # bfloat16 autocast during the model's training, as its checkpoint records it (None: not
     # recorded, e.g. an imported teacher). Evaluation itself samples in float32.
     trained_bf16: bool | None
+    # training steps as its checkpoint records them: what ran, after any time budget (README,
+    # "The default run on your CPU"); None: not recorded
+    trained_steps: int | None
 
 
 class StudentFacts(TypedDict):
@@ -127,6 +130,7 @@ class StudentFacts(TypedDict):
     noise: bool
     evaluated_nfe: list[int]
     trained_bf16: bool | None  # as TeacherFacts.trained_bf16
+    trained_steps: int | None  # generator updates, as TeacherFacts.trained_steps
 
 
 class ModelFacts(TypedDict):

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ibmd_pipeline.engine.devices import cpu_model
 
@@ -151,6 +152,7 @@ def time_round_robin(
     device: str | torch.device = "cpu",
     clock: Callable[[], float] = time.perf_counter,
     max_loops: int = 1000,
+    progress: bool = False,
 ) -> dict[str, RoundRobinTiming]:
     """Time every call of ``calls`` (label -> callable) interleaved: ``rounds`` rounds, each timing
     every call once, the order rotated by one position per round.
@@ -159,7 +161,8 @@ def time_round_robin(
     ``loops``: the number of consecutive calls one measurement spans so that it lasts at least
     ``min_seconds`` (at most ``max_loops``), which steadies millisecond-long one-step calls.
     ``threads``: torch's CPU thread count while timing (restored afterwards); ``None`` keeps it.
-    ``clock`` returns seconds (tests pass a fake one).
+    ``clock`` returns seconds (tests pass a fake one). ``progress``: a tqdm bar over the
+    measurements (warm-up, sizing, every round) with the remaining time.
     """
     if not calls or rounds < 1 or warmup < 0 or min_seconds < 0 or max_loops < 1:
         raise ValueError(
@@ -173,6 +176,7 @@ def time_round_robin(
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    bar = tqdm(total=len(labels) * (warmup + 1 + rounds), desc="timing", unit="call", disable=not progress)
     try:
 
         def measure(label: str, loops: int) -> float:
@@ -186,9 +190,11 @@ def time_round_robin(
         for label in labels:
             for _ in range(warmup):
                 calls[label]()
+                bar.update(1)
         loops = {}
         for label in labels:
             once = measure(label, 1)
+            bar.update(1)
             needed = math.ceil(min_seconds / once) if once > 0 else max_loops
             loops[label] = min(max_loops, max(1, needed))
         seconds: dict[str, list[float]] = {label: [] for label in labels}
@@ -196,6 +202,8 @@ def time_round_robin(
             shift = round_index % len(labels)
             for label in labels[shift:] + labels[:shift]:
                 seconds[label].append(measure(label, loops[label]))
+                bar.update(1)
     finally:
+        bar.close()
         torch.set_num_threads(previous_threads)
     return {label: RoundRobinTiming(tuple(seconds[label]), loops[label]) for label in labels}

@@ -1,0 +1,35 @@
+"""The run's time budget (``params:budget``): measured step times, the expected run time, and
+fewer training steps when the run would not fit (README, "The default run on your CPU")."""
+
+from ibmd_pipeline.budget.plan import (
+    DISTILL_STEPS,
+    TEACHER_STEPS,
+    BudgetConfig,
+    BudgetPlan,
+    StepTimes,
+    explicit_step_keys,
+    format_plan,
+    parse_budget_config,
+    plan_budget,
+    planned_parameters,
+    stage_seconds,
+    summarize_plan,
+)
+from ibmd_pipeline.budget.probe import measure_step_times, precision_path
+
+__all__ = [
+    "DISTILL_STEPS",
+    "TEACHER_STEPS",
+    "BudgetConfig",
+    "BudgetPlan",
+    "StepTimes",
+    "explicit_step_keys",
+    "format_plan",
+    "measure_step_times",
+    "parse_budget_config",
+    "plan_budget",
+    "planned_parameters",
+    "precision_path",
+    "stage_seconds",
+    "summarize_plan",
+]

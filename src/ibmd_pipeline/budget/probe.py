@@ -1,0 +1,239 @@
+"""Measure, on this machine, what a run's steps cost: a teacher training step, an IBMD update and
+one network evaluation without gradients, on the configured networks with random weights (the
+cost does not depend on the weights) and random images.
+
+The probe is not training: it runs inside its own random streams (torch's, NumPy's and Python's
+global generators are restored afterwards), so a run with the probe draws exactly the numbers of
+a run without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ibmd_pipeline.bridges.losses import bridge_matching_loss
+from ibmd_pipeline.budget.plan import StepTimes
+from ibmd_pipeline.data import DataConfig
+from ibmd_pipeline.degradations import TaskConfig
+from ibmd_pipeline.distill.config import DistillConfig, parse_distill_config
+from ibmd_pipeline.distill.trainer import build_distill_run
+from ibmd_pipeline.engine.config import parse_config
+from ibmd_pipeline.engine.devices import EngineConfig, autocast_context, configure_threads, select_device
+from ibmd_pipeline.engine.distributed import DistContext
+from ibmd_pipeline.engine.training import create_training_state, optimizer_step, set_learning_rates
+from ibmd_pipeline.networks.predictors import X0Predictor
+from ibmd_pipeline.networks.unet import UNet
+from ibmd_pipeline.teacher import TeacherConfig, parse_teacher_config, plan_teacher
+from ibmd_pipeline.teacher.config import cpu_has_native_bf16
+from ibmd_pipeline.teacher.model import teacher_from_checkpoint
+
+__all__ = ["isolated_random_state", "measure_step_times", "precision_path", "random_teacher_checkpoint"]
+
+Step = Callable[[], Any]
+
+
+@contextlib.contextmanager
+def isolated_random_state() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's global generators (CUDA's too) on exit."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def precision_path(config: TeacherConfig | DistillConfig, device: torch.device) -> str:
+    """How the training steps run on ``device``, in words for the run's plan."""
+    if device.type != "cpu":
+        return f"{device.type}, {'bf16 autocast' if config.autocast_bf16(device) else 'float32'}"
+    if config.autocast_bf16(device):
+        native = cpu_has_native_bf16()
+        return "native bf16 (CPU)" if native else "bf16 autocast without native bf16 (cpu_bf16: always)"
+    if not config.train.bf16 or config.cpu_bf16 == "never":
+        return "float32 (CPU; bf16 switched off)"
+    return "float32 (CPU without native bf16)"
+
+
+def random_teacher_checkpoint(
+    config: TeacherConfig, task: TaskConfig, image_size: int, channels: int
+) -> dict[str, Any]:
+    """A teacher checkpoint of the configured network with random weights (for timing only)."""
+    plan = plan_teacher(config, task, image_size=image_size, channels=channels)
+    net = UNet(plan.resolved.unet)
+    with torch.no_grad():  # a fresh UNet's zero output heads would make every output zero
+        for parameter in net.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    weights = net.state_dict()
+    return {
+        "kind": "teacher",
+        "config": plan.checkpoint_config(config),
+        "models": {"model": weights},
+        "ema": {"model": weights},
+        "step": 1,
+        "history": [],
+    }
+
+
+def _median_seconds(step: Step, repeats: int, device: torch.device) -> float:
+    """Median wall seconds of ``repeats`` calls of ``step`` after one untimed warm-up call."""
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step()  # allocator, kernel selection
+    synchronize()
+    seconds = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        step()
+        synchronize()
+        seconds.append(time.perf_counter() - begin)
+    return statistics.median(seconds)
+
+
+def _teacher_step(
+    checkpoint: Mapping[str, Any], config: TeacherConfig, device: torch.device, images: torch.Tensor
+) -> Step:
+    """One step as the teacher trainer runs it: loss, backward, clipping, AdamW, EMA."""
+    loaded = teacher_from_checkpoint(checkpoint, use_ema=False, device=device)
+    net = loaded.predictor.net.requires_grad_(True).train()
+    state = create_training_state({"model": net}, config.train, device=device)
+    predictor = X0Predictor(state.models["model"], loaded.schedule, loaded.conditional)
+    bf16 = config.autocast_bf16(device)
+    batch = config.train.batch_size
+    x0, xT = images[:batch].to(device), images[batch : 2 * batch].to(device)
+
+    def step() -> None:
+        with autocast_context(device, bf16, allow_cpu=True):
+            loss = bridge_matching_loss(predictor, x0, xT, loaded.schedule, generator=state.device_generator)
+        optimizer_step(state, "model", loss)
+
+    return step
+
+
+def _ibmd_update(
+    checkpoint: Mapping[str, Any],
+    config: DistillConfig,
+    device: torch.device,
+    images: torch.Tensor,
+    task: str,
+) -> Step:
+    """One IBMD update (L auxiliary updates and one generator update) of a fresh run."""
+    mask = None
+    if task == "inpaint_center":
+        mask = torch.zeros(len(images), 1, *images.shape[-2:])
+        mask[
+            ...,
+            images.shape[-2] // 4 : 3 * images.shape[-2] // 4,
+            images.shape[-1] // 4 : 3 * images.shape[-1] // 4,
+        ] = 1
+    run = build_distill_run(
+        DistContext.single_process(device), images, checkpoint, config, mask=mask, task_kind=task
+    )
+    set_learning_rates(run.state, 0)
+    counter = iter(range(10**9))
+    return lambda: run.step(run.state, next(counter))
+
+
+def _forward_image(
+    checkpoint: Mapping[str, Any], device: torch.device, images: torch.Tensor, batch: int
+) -> float:
+    """Seconds of one network evaluation of one image, no gradients, float32, at ``batch``."""
+    loaded = teacher_from_checkpoint(checkpoint, device=device)
+    xT = images[:batch].to(device)
+    t = loaded.schedule.sample_time(len(xT), device=device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            loaded.predictor(xT, t, xT=xT if loaded.conditional else None)
+
+    return _median_seconds(forward, 2, device) / len(xT)
+
+
+def _inception_image(device: torch.device, batch: int = 8) -> float:
+    """Seconds of one 299x299 Inception-v3 forward of one image (random weights: FID's network
+    has the same layers), float32, no gradients."""
+    from torchvision.models import inception_v3
+
+    net = inception_v3(weights=None, aux_logits=False, init_weights=False).eval().to(device)
+    images = torch.randn(batch, 3, 299, 299, device=device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            net(images)
+
+    return _median_seconds(forward, 1, device) / batch
+
+
+def measure_step_times(
+    params: Mapping[str, Any],
+    *,
+    teacher: bool,
+    distill: bool,
+    teacher_checkpoint: Mapping[str, Any] | None = None,
+    repeats: int = 2,
+    inception: bool = False,
+) -> StepTimes:
+    """Median seconds of ``repeats`` teacher steps (with ``teacher``) and IBMD updates (with
+    ``distill``) of the networks ``params`` describe, each after a warm-up, of one image's
+    network evaluation, and (with ``inception``) of one image's Inception forward, on
+    ``engine.device`` with ``engine.num_threads``.
+
+    ``teacher_checkpoint``: the teacher the distillation will read (its network is timed);
+    None = a random teacher of ``params:teacher``'s network. Global random streams are left as
+    they were.
+    """
+    begin = time.perf_counter()
+    engine = parse_config(EngineConfig, params.get("engine"), "engine")
+    task = parse_config(TaskConfig, params.get("task"), "task")
+    data = parse_config(DataConfig, params.get("data"), "data")
+    teacher_config = parse_teacher_config(params.get("teacher"), seed=0)
+    distill_config = parse_distill_config(
+        {**dict(params.get("distill") or {}), "workdir": None, "validation": {"every": 0}}
+    )
+    configure_threads(engine.num_threads)
+    device = select_device(engine.device)
+    evaluate_batch = int((params.get("evaluate") or {}).get("batch_size", 64))
+    with isolated_random_state():
+        torch.manual_seed(0)
+        size, channels = data.image_size, data.channels
+        if teacher_checkpoint is not None:
+            size, channels = (
+                int(teacher_checkpoint["config"]["image_size"]),
+                int(teacher_checkpoint["config"]["channels"]),
+            )
+        count = max(2 * teacher_config.train.batch_size, 2 * distill_config.train.batch_size, evaluate_batch)
+        count += distill_config.validation.batch_size
+        images = torch.rand(count, channels, size, size) * 2 - 1
+        checkpoint = teacher_checkpoint or random_teacher_checkpoint(teacher_config, task, size, channels)
+        teacher_step = ibmd_update = None
+        if teacher:
+            teacher_step = _median_seconds(
+                _teacher_step(checkpoint, teacher_config, device, images), repeats, device
+            )
+        if distill:
+            update = _ibmd_update(checkpoint, distill_config, device, images, task.kind)
+            ibmd_update = _median_seconds(update, repeats, device)
+        forward = _forward_image(checkpoint, device, images, evaluate_batch)
+        inception_image = _inception_image(device) if inception else None
+    path = precision_path(teacher_config if teacher else distill_config, device)
+    return StepTimes(
+        teacher_step,
+        ibmd_update,
+        forward,
+        path,
+        probe=time.perf_counter() - begin,
+        inception_image=inception_image,
+    )

@@ -1,0 +1,221 @@
+"""The time budget's plan from injected step times: never a timed test.
+
+The step times below are the ones of issue 15 on an idle 2-core AMD EPYC: 0.22 s per teacher step
+and 1.25 s per IBMD update with native bf16, 0.69 s and 3.4 s in float32 (AVX2 only).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from ibmd_pipeline.budget import (
+    DISTILL_STEPS,
+    TEACHER_STEPS,
+    BudgetConfig,
+    StepTimes,
+    explicit_step_keys,
+    format_plan,
+    parse_budget_config,
+    plan_budget,
+    planned_parameters,
+    stage_seconds,
+    summarize_plan,
+)
+from ibmd_pipeline.engine.config import ConfigError
+
+#: The default run's nodes that cost time (the others are plots and grids of saved outputs).
+DEFAULT_RUN = {
+    "make_pairs",
+    "train_teacher",
+    "distill_student",
+    "train_ca_classifier",
+    "compute_fid_reference",
+    "evaluate_teacher",
+    "evaluate_models",
+}
+NATIVE_BF16 = StepTimes(0.22, 1.25, 0.002, "native bf16 (CPU)", probe=6.0)
+FLOAT32 = StepTimes(0.69, 3.4, 0.003, "float32 (CPU without native bf16)", probe=15.0)
+BUDGET = BudgetConfig(minutes=30, floor=0.25, probe_steps=2)
+
+
+def base_params() -> dict[str, Any]:
+    """The parts of conf/base that the plan reads."""
+    return {
+        "task": {"kind": "sr4x_bicubic"},
+        "teacher": {
+            "train": {"steps": 2000, "warmup_steps": 100, "log_every": 25, "lr_schedule": "cosine"},
+            "sampler": {"grid_nfe": [1, 10, 100], "n_examples": 8},
+            "validation": {"every": 250, "batch_size": 256},
+        },
+        "distill": {
+            "student_nfe": 1,
+            "train": {"steps": 300, "warmup_steps": 0, "log_every": 10},
+            "validation": {
+                "every": 25,
+                "batch_size": 32,
+                "draws": 4,
+                "teacher_nfe": 100,
+                "reference_nfes": [1, 2, 5, 10],
+                "grid_examples": 8,
+            },
+        },
+        "evaluate": {
+            "num_images": 300,
+            "num_seeds": 1,
+            "teacher_nfe": [1, 10, 100],
+            "batch_size": 64,
+            "fid": {"enabled": True, "num_images": 200, "reference_images": 300},
+            "closeness": {"enabled": True, "num_images": 50, "draws": 4},
+        },
+    }
+
+
+def test_a_run_that_fits_keeps_its_configured_steps():
+    plan = plan_budget(BUDGET, NATIVE_BF16, base_params(), DEFAULT_RUN)
+    assert plan.planned == plan.configured == {TEACHER_STEPS: 2000, DISTILL_STEPS: 300}
+    assert not plan.scaled and plan.expected_seconds <= 30 * 60
+    assert planned_parameters(plan, base_params()) == {}
+
+
+def test_a_slow_machine_gets_fewer_steps_of_both_stages_within_the_budget():
+    params = base_params()
+    full = plan_budget(BudgetConfig(minutes=None), FLOAT32, params, DEFAULT_RUN)
+    assert full.expected_seconds > 40 * 60  # the issue's 40+ minutes in float32
+    plan = plan_budget(BUDGET, FLOAT32, params, DEFAULT_RUN)
+    teacher, distill = plan.planned[TEACHER_STEPS], plan.planned[DISTILL_STEPS]
+    assert 500 <= teacher < 2000 and 75 <= distill < 300
+    assert teacher % 25 == 0 and distill % 10 == 0  # whole logging windows
+    assert abs(teacher / 2000 - distill / 300) < 0.05  # one factor for both
+    assert plan.expected_seconds <= 30 * 60 and not plan.note
+    changed = planned_parameters(plan, params)
+    assert changed["teacher"]["train"]["steps"] == teacher
+    # the warm-up shrinks with the run, the schedule and everything else stay
+    assert changed["teacher"]["train"]["warmup_steps"] == round(100 * teacher / 2000)
+    assert changed["teacher"]["train"]["lr_schedule"] == "cosine"
+    assert changed["teacher"]["validation"] == params["teacher"]["validation"]
+    assert changed["distill"]["train"]["steps"] == distill
+    assert params == base_params()  # the run's parameters are not modified in place
+
+
+def test_the_floor_bounds_the_cut_and_says_the_run_stays_over_budget():
+    plan = plan_budget(BudgetConfig(minutes=10, floor=0.25), FLOAT32, base_params(), DEFAULT_RUN)
+    assert plan.planned == {TEACHER_STEPS: 500, DISTILL_STEPS: 75}
+    assert "floor" in plan.note and plan.expected_seconds > 10 * 60
+
+
+def test_explicit_steps_are_never_changed_and_the_other_stage_takes_the_rest():
+    params = base_params()
+    only_distill = plan_budget(BUDGET, FLOAT32, params, DEFAULT_RUN, explicit=frozenset({TEACHER_STEPS}))
+    both = plan_budget(BUDGET, FLOAT32, params, DEFAULT_RUN)
+    assert only_distill.planned[TEACHER_STEPS] == 2000
+    assert only_distill.planned[DISTILL_STEPS] < both.planned[DISTILL_STEPS]
+    assert "teacher" not in planned_parameters(only_distill, params)
+    pinned = plan_budget(
+        BUDGET, FLOAT32, params, DEFAULT_RUN, explicit=frozenset({TEACHER_STEPS, DISTILL_STEPS})
+    )
+    assert pinned.planned == pinned.configured and "set explicitly" in pinned.note
+    assert "set explicitly, kept" in format_plan(pinned)
+
+
+def test_no_budget_and_a_pipeline_slice_keep_the_configured_steps():
+    unlimited = plan_budget(BudgetConfig(minutes=None), FLOAT32, base_params(), DEFAULT_RUN)
+    assert not unlimited.scaled and "no budget" in format_plan(unlimited)
+    tight = BudgetConfig(minutes=10)
+    one_task = plan_budget(tight, FLOAT32, base_params(), {"train_teacher"}, scalable=False)
+    assert not one_task.scaled and "slice" in one_task.note
+
+
+def test_steps_are_explicit_from_the_command_line_or_another_value_than_base():
+    base = base_params()
+    assert explicit_step_keys(base, base, None) == frozenset()
+    runtime = {"teacher": {"train": {"steps": 2000}}}  # --params teacher.train.steps=2000: explicit
+    assert explicit_step_keys(base, base, runtime) == {TEACHER_STEPS}
+    assert explicit_step_keys(base, base, {"distill.train.steps": 300}) == {DISTILL_STEPS}
+    local = copy.deepcopy(base)
+    local["distill"]["train"]["steps"] = 600  # conf/local or --env
+    assert explicit_step_keys(local, base, {}) == {DISTILL_STEPS}
+
+
+def test_the_printed_plan_names_the_path_the_times_the_steps_and_the_expected_total():
+    plan = plan_budget(BUDGET, FLOAT32, base_params(), DEFAULT_RUN)
+    text = format_plan(plan)
+    assert text.splitlines()[0] == "run plan on this machine: float32 (CPU without native bf16)"
+    assert "teacher step 0.69 s, IBMD update 3.4 s" in text
+    teacher, distill = plan.planned[TEACHER_STEPS], plan.planned[DISTILL_STEPS]
+    assert f"teacher.train.steps: {teacher:,} planned by the budget (configured 2,000)" in text
+    assert f"distill.train.steps: {distill:,} planned by the budget (configured 300)" in text
+    assert f"expected total {plan.expected_seconds / 60:.1f} min (budget 30 min; fewer steps)" in text
+    assert "quality cost: teacher: " in text and "quality not measured at this length" in text
+    assert "student FID about" in text and "instead of 64.6" in text  # the measured curve
+    assert "budget.minutes=null" in text
+    fits = format_plan(plan_budget(BUDGET, NATIVE_BF16, base_params(), DEFAULT_RUN))
+    assert "native bf16" in fits and "the configured steps" in fits and "quality cost" not in fits
+
+
+def test_the_quality_cost_is_only_quoted_where_it_was_measured():
+    params = base_params()
+    params["task"]["kind"] = "jpeg"
+    text = format_plan(plan_budget(BUDGET, FLOAT32, params, DEFAULT_RUN))
+    assert "student FID" not in text
+    assert "updates; quality not measured at this length" in text
+
+
+def test_stage_seconds_follow_the_nodes_and_the_measured_times():
+    params = base_params()
+    steps = {TEACHER_STEPS: 2000, DISTILL_STEPS: 300}
+    only_teacher = stage_seconds(params, {"train_teacher"}, FLOAT32, steps)
+    assert set(only_teacher) == {"probe", "teacher"}
+    # the steps, the validation losses (9 of 256 images) and the grid (8 images at 1 + 10 + 100)
+    assert only_teacher["teacher"] == pytest.approx(2000 * 0.69 + (9 * 256 + 8 * 111) * 0.003)
+    evaluation = stage_seconds(params, {"evaluate_teacher"}, FLOAT32, steps)["evaluation"]
+    images = 300 * 111 + 111 * 50 * 3  # the restorations and the closeness draws
+    assert evaluation == pytest.approx(images * 0.003 + 200 * 4 * 0.16)
+
+
+@pytest.mark.parametrize(
+    ("values", "key", "message"),
+    [
+        ({"minutes": 0}, "budget.minutes", "minutes > 0, or null"),
+        ({"minutes": True}, "budget.minutes", "expected a number"),
+        ({"minutes": "soon"}, "budget.minutes", "expected a number"),
+        ({"floor": 0}, "budget.floor", r"in \(0, 1\]"),
+        ({"floor": 1.5}, "budget.floor", r"in \(0, 1\]"),
+        ({"probe_steps": -1}, "budget.probe_steps", ">= 0"),
+        ({"minutes": 30, "probe_steps": 0}, "budget.probe_steps", "must be >= 1 while budget.minutes is set"),
+        ({"minuets": 30}, "budget.minuets", "allowed"),
+    ],
+)
+def test_the_setting_is_validated_and_the_error_names_the_key(values, key, message):
+    with pytest.raises(ConfigError, match=rf"^parameter '{key}'.*{message}"):
+        parse_budget_config(values)
+
+
+def test_the_shipped_defaults():
+    assert parse_budget_config(None) == BudgetConfig(minutes=None, floor=0.25, probe_steps=2)
+    assert parse_budget_config({"minutes": None, "probe_steps": 0}).probe_steps == 0
+
+
+def test_the_log_line_sums_the_plan_up():
+    plan = plan_budget(BUDGET, FLOAT32, base_params(), DEFAULT_RUN)
+    teacher, distill = plan.planned[TEACHER_STEPS], plan.planned[DISTILL_STEPS]
+    assert summarize_plan(plan) == (
+        f"float32 (CPU without native bf16); teacher.train.steps {teacher:,} of 2,000, "
+        f"distill.train.steps {distill} of 300; expected total {plan.expected_seconds / 60:.1f} min "
+        "(budget 30 min)"
+    )
+
+
+def test_a_measured_inception_time_scales_the_evaluation_and_the_fixed_costs():
+    params, steps = base_params(), {TEACHER_STEPS: 2000, DISTILL_STEPS: 300}
+    assumed = stage_seconds(params, DEFAULT_RUN, FLOAT32, steps)
+    busy = StepTimes(0.69, 3.4, 0.003, "float32", probe=15.0, inception_image=0.48)  # 3x the assumed 0.16
+    measured = stage_seconds(params, DEFAULT_RUN, busy, steps)
+    assert measured["degrade"] == pytest.approx(3 * assumed["degrade"])
+    inception = (300 + 200 * 4 + 200) * (0.48 - 0.16)  # reference, xT and 3 teacher NFEs, student
+    fixed = 2 * (25 + 15)  # classifier, report
+    assert measured["evaluation"] - assumed["evaluation"] == pytest.approx(inception + fixed)
+    assert measured["teacher"] == assumed["teacher"]
+    assert "Inception 0.48 s/image" in format_plan(plan_budget(BUDGET, busy, params, DEFAULT_RUN))
