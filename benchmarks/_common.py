@@ -26,11 +26,9 @@ import torch
 
 from ibmd_pipeline.bridges.losses import bridge_matching_loss
 from ibmd_pipeline.distill.config import DistillConfig, parse_distill_config
-from ibmd_pipeline.distill.trainer import build_distill_run
+from ibmd_pipeline.distill.trainer import fresh_ibmd_update
 from ibmd_pipeline.engine.checkpoint import load_checkpoint
 from ibmd_pipeline.engine.devices import autocast_context, select_device
-from ibmd_pipeline.engine.distributed import DistContext
-from ibmd_pipeline.engine.training import set_learning_rates
 from ibmd_pipeline.io.datasets import TensorBundleDataset
 from ibmd_pipeline.teacher.model import teacher_from_checkpoint
 
@@ -102,11 +100,7 @@ def make_ibmd_update(
     task_kind: str | None = None,
 ) -> Step:
     """One IBMD update (L auxiliary updates, then the generator's) of a fresh distillation run."""
-    ctx = DistContext.single_process(device)
-    run = build_distill_run(ctx, xT, teacher_checkpoint, config, mask=mask, task_kind=task_kind)
-    set_learning_rates(run.state, 0)
-    counter = iter(range(10**9))
-    return lambda: run.step(run.state, next(counter))
+    return fresh_ibmd_update(teacher_checkpoint, config, xT, device, mask=mask, task_kind=task_kind)
 
 
 def timed(fn: Step, repeats: int) -> tuple[float, float]:

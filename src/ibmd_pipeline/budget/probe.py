@@ -24,11 +24,10 @@ from ibmd_pipeline.budget.plan import StepTimes
 from ibmd_pipeline.data import DataConfig
 from ibmd_pipeline.degradations import TaskConfig
 from ibmd_pipeline.distill.config import DistillConfig, parse_distill_config
-from ibmd_pipeline.distill.trainer import build_distill_run
+from ibmd_pipeline.distill.trainer import fresh_ibmd_update
 from ibmd_pipeline.engine.config import parse_config
 from ibmd_pipeline.engine.devices import EngineConfig, autocast_context, configure_threads, select_device
-from ibmd_pipeline.engine.distributed import DistContext
-from ibmd_pipeline.engine.training import create_training_state, optimizer_step, set_learning_rates
+from ibmd_pipeline.engine.training import create_training_state, optimizer_step
 from ibmd_pipeline.networks.predictors import X0Predictor
 from ibmd_pipeline.networks.unet import UNet
 from ibmd_pipeline.teacher import TeacherConfig, parse_teacher_config, plan_teacher
@@ -139,12 +138,7 @@ def _ibmd_update(
             images.shape[-2] // 4 : 3 * images.shape[-2] // 4,
             images.shape[-1] // 4 : 3 * images.shape[-1] // 4,
         ] = 1
-    run = build_distill_run(
-        DistContext.single_process(device), images, checkpoint, config, mask=mask, task_kind=task
-    )
-    set_learning_rates(run.state, 0)
-    counter = iter(range(10**9))
-    return lambda: run.step(run.state, next(counter))
+    return fresh_ibmd_update(checkpoint, config, images, device, mask=mask, task_kind=task)
 
 
 def _forward_image(

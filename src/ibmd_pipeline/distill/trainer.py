@@ -97,13 +97,21 @@ from ibmd_pipeline.engine.training import (
     epoch_batch_indices,
     export_checkpoint,
     plan_batches,
+    set_learning_rates,
 )
 from ibmd_pipeline.networks.predictors import X0Predictor
 from ibmd_pipeline.teacher.model import LoadedTeacher, teacher_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistillRun", "SnapshotFn", "build_distill_run", "distill_student", "split_held_out"]
+__all__ = [
+    "DistillRun",
+    "SnapshotFn",
+    "build_distill_run",
+    "distill_student",
+    "fresh_ibmd_update",
+    "split_held_out",
+]
 
 MASK_TASKS = ("inpaint_center",)
 #: ``on_snapshot(updates, student_checkpoint)``: called after generator update ``updates``.
@@ -541,6 +549,31 @@ def build_distill_run(
             bf16=run.use_bf16,
         )
     return run
+
+
+def fresh_ibmd_update(
+    teacher_checkpoint: Mapping[str, Any],
+    config: DistillConfig,
+    corrupted: Tensor,
+    device: torch.device,
+    *,
+    mask: Tensor | None = None,
+    task_kind: str | None = None,
+) -> Callable[[], None]:
+    """One IBMD update (L auxiliary updates, then the generator's) of a fresh one-process run, as
+    a call that times or profiles it: each call takes the next step, at learning rate 0, so the
+    networks stay where they started."""
+    run = build_distill_run(
+        DistContext.single_process(device),
+        corrupted,
+        teacher_checkpoint,
+        config,
+        mask=mask,
+        task_kind=task_kind,
+    )
+    set_learning_rates(run.state, 0)
+    counter = iter(range(10**9))
+    return lambda: run.step(run.state, next(counter))
 
 
 def _train(
