@@ -80,6 +80,7 @@ from ibmd_pipeline.evaluation import (  # noqa: E402
     student_runs,
 )
 from ibmd_pipeline.evaluation.report import metric_cell, verdict_cell  # noqa: E402
+from ibmd_pipeline.evaluation.schema import find_comparison  # noqa: E402
 
 logger = logging.getLogger("run_benchmarks")
 
@@ -705,15 +706,15 @@ def _verdicts(result: Mapping[str, Any], record: Mapping[str, Any]) -> str:
     if record["model"] != "student":
         return ""
     baseline = f"teacher@{speed_baseline_nfe(result['evaluate']['teacher_nfe'])}"
-    for comparison in result["evaluation"].get("comparisons") or []:
-        if comparison["candidate"] == record["label"] and comparison["baseline"] == baseline:
-            cells = [
-                f"{title} {verdict_cell(comparison, key)}"
-                for title, key in VERDICT_METRICS
-                if key in comparison["metrics"]
-            ]
-            return f"vs {baseline}: " + "; ".join(cells)
-    return ""
+    comparison = find_comparison(result["evaluation"].get("comparisons") or [], record["label"], baseline)
+    if comparison is None:
+        return ""
+    cells = [
+        f"{title} {verdict_cell(comparison, key)}"
+        for title, key in VERDICT_METRICS
+        if key in comparison["metrics"]
+    ]
+    return f"vs {baseline}: " + "; ".join(cells)
 
 
 def _bf16(result: Mapping[str, Any]) -> str:

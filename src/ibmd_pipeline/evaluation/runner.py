@@ -93,6 +93,7 @@ from ibmd_pipeline.evaluation.schema import (
     TeacherFacts,
     WeightsFacts,
     check_report,
+    find_comparison,
 )
 from ibmd_pipeline.evaluation.summary import DIRECTIONS, Summarizer
 from ibmd_pipeline.metrics.speed import RoundRobinTiming, device_description, time_round_robin
@@ -647,10 +648,8 @@ def build_report(
     baseline = f"teacher@{speed_baseline_nfe(config.teacher_nfe)}"
     for record in records:
         if record["model"] == "student":
-            match = [
-                c for c in comparisons if c["candidate"] == record["label"] and c["baseline"] == baseline
-            ]
-            record["lpips_win_rate"] = (match[0].get("lpips_win_rate") or {}).get("rate") if match else None
+            match = find_comparison(comparisons, record["label"], baseline)
+            record["lpips_win_rate"] = (match.get("lpips_win_rate") or {}).get("rate") if match else None
 
     teacher, student = setup.teacher, setup.student
     versions = Checkpoints(

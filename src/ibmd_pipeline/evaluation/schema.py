@@ -9,7 +9,7 @@ with these declarations (every required key present, no undeclared key), recursi
 # No ``from __future__ import annotations``: TypedDict reads ``NotRequired`` from the evaluated
 # annotations to tell required keys from optional ones.
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NotRequired, TypedDict
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "TeacherFacts",
     "WeightsFacts",
     "check_report",
+    "find_comparison",
 ]
 
 
@@ -93,6 +94,14 @@ class Comparison(TypedDict):
     metrics: dict[str, MetricDifference]
     ca_mcnemar: NotRequired[dict[str, float | int]]  # a_only, b_only, p_value
     lpips_win_rate: NotRequired[dict[str, Any]]  # rate, interval
+
+
+def find_comparison(comparisons: Sequence[Comparison], candidate: str, baseline: str) -> Comparison | None:
+    """The comparison of run ``candidate`` against run ``baseline`` (labels ``<model>@<nfe>``), if any."""
+    for comparison in comparisons:
+        if comparison["candidate"] == candidate and comparison["baseline"] == baseline:
+            return comparison
+    return None
 
 
 class WeightsFacts(TypedDict):
