@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from ibmd_pipeline.evaluation.config import BootstrapSettings, KIDSettings
 from ibmd_pipeline.evaluation.measure import RunMeasurement
@@ -90,6 +91,8 @@ class Summarizer:
     inception_reference: reference Inception features ``(R, d)``; ``inception_paired``: whether
     row ``i`` is the clean version of evaluated image ``i`` (then resampled with the models).
     classifier_reference: classifier features of the clean evaluated images ``(N, E)``.
+    blas_threads: BLAS threads of the whole-set metrics (module docstring); None = the library's
+        own setting.
     """
 
     bootstrap: BootstrapSettings
@@ -97,6 +100,7 @@ class Summarizer:
     inception_reference: np.ndarray | None = None
     inception_paired: bool = False
     classifier_reference: np.ndarray | None = None
+    blas_threads: int | None = 1
     _indices: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     _sets: dict[tuple[str, str, int], _SetStatistic] = field(default_factory=dict)
 
@@ -164,7 +168,14 @@ class Summarizer:
         sets = self._feature_sets(measurement, metric)
         if sets is None:
             return None
-        features, reference, paired = sets
+        with threadpool_limits(limits=self.blas_threads, user_api="blas"):
+            statistic = self._compute_set_statistic(metric, n, *sets)
+        self._sets[key] = statistic
+        return statistic
+
+    def _compute_set_statistic(
+        self, metric: str, n: int, features: np.ndarray, reference: np.ndarray, paired: bool
+    ) -> _SetStatistic:
         dim = features.shape[-1]
         model_rows = features[:, :n].reshape(-1, dim)
         reference_rows = reference[:n] if paired else reference
@@ -178,8 +189,7 @@ class Summarizer:
                 ref = reference[rows] if paired else reference[reference_halves[b]]
                 values.append(self._half_sample_value(metric, features[:, rows].reshape(-1, dim), ref))
             resampled = np.array(values)
-        self._sets[key] = _SetStatistic(estimate, resampled, spread)
-        return self._sets[key]
+        return _SetStatistic(estimate, resampled, spread)
 
     # ------------------------------------------------------------------ one measurement
 
