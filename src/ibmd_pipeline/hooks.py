@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,7 @@ class RunBudgetHooks:
         self._base: dict[str, Any] = {}
         self._overrides: dict[str, Any] = {}
         self.plan: BudgetPlan | None = None
+        self._planned_at = 0.0
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
@@ -199,11 +201,13 @@ class RunBudgetHooks:
             teacher_checkpoint=teacher_checkpoint,
             repeats=config.probe_steps,
             inception=bool(fid) and bool(nodes & INCEPTION_NODES),
+            report="evaluate_models" in nodes,
         )
         explicit = explicit_step_keys(params, self._base, run_params.get("runtime_params"))
         self.plan = plan_budget(
             config, times, params, nodes, explicit, scalable=not run_params.get("node_names")
         )
+        self._planned_at = time.perf_counter()
         # The block as one piece on the console (a log handler would wrap each line), and a one-line
         # summary in the log.
         print(format_plan(self.plan), flush=True)
@@ -217,6 +221,20 @@ class RunBudgetHooks:
         """The planned ``params:teacher`` / ``params:distill`` for the nodes that read them."""
         planned = {name: values for name, values in self._overrides.items() if name in inputs}
         return planned or None
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        """What the planned run took, against what its plan expected (and the budget)."""
+        if self.plan is None:
+            return
+        took = time.perf_counter() - self._planned_at + self.plan.times.startup + self.plan.times.probe
+        budget = "" if self.plan.budget_minutes is None else f"; budget {self.plan.budget_minutes:g} min"
+        logger.info(
+            "the run took %.1f min; its plan expected %.1f min%s",
+            took / 60.0,
+            self.plan.expected_seconds / 60.0,
+            budget,
+        )
 
 
 def start_kedro_mlflow() -> Any:

@@ -147,7 +147,10 @@ def test_the_printed_plan_names_the_path_the_times_the_steps_and_the_expected_to
     teacher, distill = plan.planned[TEACHER_STEPS], plan.planned[DISTILL_STEPS]
     assert f"teacher.train.steps: {teacher:,} planned by the budget (configured 2,000)" in text
     assert f"distill.train.steps: {distill:,} planned by the budget (configured 300)" in text
-    assert f"expected total {plan.expected_seconds / 60:.1f} min (budget 30 min; fewer steps)" in text
+    assert (
+        f"expected total {plan.expected_seconds / 60:.1f} min (budget 30 min, planned within 28.6 min "
+        "for a 5% margin; fewer steps)"
+    ) in text
     assert "quality cost: teacher: " in text and "quality not measured at this length" in text
     assert "student FID about" in text and "instead of 64.6" in text  # the measured curve
     assert "budget.minutes=null" in text
@@ -182,6 +185,7 @@ def test_stage_seconds_follow_the_nodes_and_the_measured_times():
         ({"minutes": True}, "budget.minutes", "expected a number"),
         ({"minutes": "soon"}, "budget.minutes", "expected a number"),
         ({"floor": 0}, "budget.floor", r"in \(0, 1\]"),
+        ({"margin": -0.1}, "budget.margin", r"in \[0, 1\]"),
         ({"floor": 1.5}, "budget.floor", r"in \(0, 1\]"),
         ({"probe_steps": -1}, "budget.probe_steps", ">= 0"),
         ({"minutes": 30, "probe_steps": 0}, "budget.probe_steps", "must be >= 1 while budget.minutes is set"),
@@ -219,3 +223,39 @@ def test_a_measured_inception_time_scales_the_evaluation_and_the_fixed_costs():
     assert measured["evaluation"] - assumed["evaluation"] == pytest.approx(inception + fixed)
     assert measured["teacher"] == assumed["teacher"]
     assert "Inception 0.48 s/image" in format_plan(plan_budget(BUDGET, busy, params, DEFAULT_RUN))
+
+
+def test_the_plan_keeps_the_margin_below_the_budget():
+    plan = plan_budget(BUDGET, FLOAT32, base_params(), DEFAULT_RUN)
+    assert plan.scaled and plan.target_seconds == pytest.approx(30 * 60 / 1.05)
+    assert plan.expected_seconds <= plan.target_seconds
+    without = plan_budget(BudgetConfig(minutes=30, margin=0.0), FLOAT32, base_params(), DEFAULT_RUN)
+    assert without.expected_seconds <= 30 * 60 and without.expected_seconds > plan.target_seconds
+    assert without.planned[TEACHER_STEPS] > plan.planned[TEACHER_STEPS]
+    assert "margin" not in format_plan(without)
+
+
+def test_the_speed_rounds_cost_each_call_at_its_batch_and_at_least_the_minimum_measurement():
+    params, steps = base_params(), {TEACHER_STEPS: 2000, DISTILL_STEPS: 300}
+    params["evaluate"]["speed"] = {"batch_size": 16, "repeats": 5, "warmup": 1, "min_seconds": 0.25}
+    params["evaluate"]["bootstrap"] = {"resamples": 300}
+    times = StepTimes(0.69, 3.4, 0.003, "float32", probe=15.0, forward_single=0.009, report_resample=0.02)
+    nodes = {"evaluate_models"}
+    seconds = stage_seconds(params, nodes, times, steps)["evaluation"]
+    speed = 0.0
+    for nfe in (1, 10, 100, 1):  # the teacher at 1, 10, 100 NFE and the one-step student
+        for call in (nfe * 0.009, nfe * 16 * 0.003):
+            speed += 2 * call + 5 * max(call, 0.25)  # warm-up and sizing, then the timed rounds
+    report = 300 * 5 * 0.02  # 4 models and the corrupted input, every resample
+    fixed = 15 + 200 * 0.16  # plots and files, the student's Inception features
+    assert seconds == pytest.approx(speed + report + fixed)
+    # a student trained with N = 4 is scored at 1, 2 and 4 steps: three models more than N = 1's one
+    params["distill"]["student_nfe"] = 4
+    more = stage_seconds(params, nodes, times, steps)["evaluation"]
+    assert more > seconds + 2 * 300 * 0.02
+
+
+def test_the_start_up_before_the_probe_counts():
+    times = StepTimes(0.69, 3.4, 0.003, "float32", probe=15.0, startup=12.0)
+    stages = stage_seconds(base_params(), {"train_teacher"}, times, {TEACHER_STEPS: 2000})
+    assert list(stages)[:2] == ["start", "probe"] and stages["start"] == 12.0

@@ -8,6 +8,7 @@ so no assertion depends on how fast this machine is.
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any
 
 import numpy as np
@@ -57,7 +58,14 @@ def test_a_binding_budget_trains_fewer_steps_and_the_checkpoint_says_how_many(
     run = run_kedro(["teacher"], params=params)
     plan = budget_hook.plan
     assert budget_hook.calls == [
-        {"teacher": True, "distill": False, "teacher_checkpoint": None, "repeats": 1, "inception": False}
+        {
+            "teacher": True,
+            "distill": False,
+            "teacher_checkpoint": None,
+            "repeats": 1,
+            "inception": False,
+            "report": False,
+        }
     ]
     assert plan.configured == {TEACHER_STEPS: 24} and plan.planned == {TEACHER_STEPS: 8}
     checkpoint = teacher_weights(run)
@@ -67,7 +75,8 @@ def test_a_binding_budget_trains_fewer_steps_and_the_checkpoint_says_how_many(
     text = format_plan(plan)
     assert (
         "float32 (CPU without native bf16)" in text
-        and "expected total 1.3 min (budget 2 min; fewer steps)" in text
+        and "expected total 1.3 min (budget 2 min, planned within 1.9 min for a 5% margin; fewer steps)"
+        in text
     )
 
 
@@ -134,7 +143,12 @@ def test_the_probe_restores_every_global_random_stream():
         "data": {"image_size": 16, "channels": 1},
         "teacher": {"model": {"network": {"preset": "tiny"}}, "train": {"batch_size": 4}},
         "distill": {"train": {"batch_size": 4}, "validation": {"batch_size": 4}},
-        "evaluate": {"batch_size": 4},
+        "evaluate": {
+            "batch_size": 4,
+            "num_images": 24,
+            "fid": {"dims": 64, "num_images": 16, "reference_images": 20},
+            "bootstrap": {"resamples": 20},
+        },
     }
 
     def draws() -> tuple[Any, ...]:
@@ -145,7 +159,9 @@ def test_the_probe_restores_every_global_random_stream():
     expected = draws()
     for seed_all in (torch.manual_seed, np.random.seed, random.seed):
         seed_all(7)
-    times = measure_step_times(params, teacher=True, distill=True, repeats=1, inception=True)
+    times = measure_step_times(params, teacher=True, distill=True, repeats=1, inception=True, report=True)
     assert draws() == expected
     assert times.teacher_step > 0 and times.ibmd_update > 0 and times.forward_image > 0
-    assert times.inception_image > 0
+    assert times.inception_image > 0 and times.forward_single > 0 and times.report_resample > 0
+    if sys.platform.startswith("linux"):  # the process has run at least as long as the probe
+        assert times.startup >= times.probe

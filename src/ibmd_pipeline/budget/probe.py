@@ -10,10 +10,12 @@ a run without it.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,13 +30,23 @@ from ibmd_pipeline.distill.trainer import fresh_ibmd_update
 from ibmd_pipeline.engine.config import parse_config
 from ibmd_pipeline.engine.devices import EngineConfig, autocast_context, configure_threads, select_device
 from ibmd_pipeline.engine.training import create_training_state, optimizer_step
+from ibmd_pipeline.evaluation.config import EvaluateConfig, parse_evaluate_config
+from ibmd_pipeline.evaluation.measure import PER_IMAGE_METRICS, RunMeasurement
+from ibmd_pipeline.evaluation.summary import Summarizer
 from ibmd_pipeline.networks.predictors import X0Predictor
 from ibmd_pipeline.networks.unet import UNet
 from ibmd_pipeline.teacher import TeacherConfig, parse_teacher_config, plan_teacher
 from ibmd_pipeline.teacher.config import cpu_has_native_bf16
 from ibmd_pipeline.teacher.model import teacher_from_checkpoint
 
-__all__ = ["isolated_random_state", "measure_step_times", "precision_path", "random_teacher_checkpoint"]
+__all__ = [
+    "isolated_random_state",
+    "measure_step_times",
+    "precision_path",
+    "random_measurement",
+    "random_teacher_checkpoint",
+    "report_seconds_per_resample",
+]
 
 Step = Callable[[], Any]
 
@@ -156,6 +168,17 @@ def _forward_image(
     return _median_seconds(forward, 2, device) / len(xT)
 
 
+def seconds_since_process_start() -> float:
+    """Wall seconds since this process started (Linux: ``/proc``); 0.0 where that is not known."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time after boot
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(uptime - started, 0.0)
+
+
 def _inception_image(device: torch.device, batch: int = 8) -> float:
     """Seconds of one 299x299 Inception-v3 forward of one image (random weights: FID's network
     has the same layers), float32, no gradients."""
@@ -171,6 +194,59 @@ def _inception_image(device: torch.device, batch: int = 8) -> float:
     return _median_seconds(forward, 1, device) / batch
 
 
+def random_measurement(
+    label: str, config: EvaluateConfig, images: int, rng: np.random.Generator
+) -> RunMeasurement:
+    """A measurement of ``images`` test images with random values and features of the shapes the
+    evaluation keeps under ``config`` (for timing the report: its cost does not depend on the
+    values)."""
+    seeds = tuple(range(config.num_seeds))
+    per_image = {name: rng.random((len(seeds), images)) for name in PER_IMAGE_METRICS}
+    per_image["correct"] = (per_image["correct"] > 0.1).astype(np.float64)
+    classifier = None
+    if config.ca.enabled:
+        embedding = config.ca.classifier.embedding_dim
+        classifier = rng.random((len(seeds), images, embedding), dtype=np.float32)
+    inception = None
+    if config.fid.enabled:
+        rows = min(config.fid.num_images or images, images)
+        inception = rng.random((min(config.fid.seeds, len(seeds)), rows, config.fid.dims), dtype=np.float32)
+    return RunMeasurement(
+        label=label,
+        model="teacher",
+        nfe=1,
+        sampler=config.sampler,
+        seeds=seeds,
+        per_image=per_image,
+        classifier_features=classifier,
+        inception_features=inception,
+        samples=torch.zeros(0),
+    )
+
+
+def report_seconds_per_resample(config: EvaluateConfig, images: int, resamples: int = 20) -> float:
+    """Seconds the report spends per bootstrap resample on one model's whole-set metrics (FID,
+    KID and their classifier-feature versions, each on half-samples), timed on random features of
+    the evaluation's shapes through :class:`~ibmd_pipeline.evaluation.summary.Summarizer` itself
+    with ``resamples`` resamples. The report's intervals cost about this x ``bootstrap.resamples``
+    x the number of evaluated models."""
+    rng = np.random.default_rng(0)
+    measurement = random_measurement("probe", config, images, rng)
+    inception_reference = None
+    paired = config.fid.reference == "evaluated"
+    if measurement.inception_features is not None:
+        rows = measurement.inception_features.shape[1] if paired else (config.fid.reference_images or images)
+        inception_reference = rng.random((rows, config.fid.dims), dtype=np.float32)
+    classifier_reference = None
+    if measurement.classifier_features is not None:
+        classifier_reference = rng.random(measurement.classifier_features.shape[1:], dtype=np.float32)
+    settings = config.bootstrap.__class__(resamples=resamples, confidence=config.bootstrap.confidence)
+    summarizer = Summarizer(settings, config.kid, inception_reference, paired, classifier_reference)
+    begin = time.perf_counter()
+    summarizer.summarize(measurement)
+    return (time.perf_counter() - begin) / resamples
+
+
 def measure_step_times(
     params: Mapping[str, Any],
     *,
@@ -179,16 +255,20 @@ def measure_step_times(
     teacher_checkpoint: Mapping[str, Any] | None = None,
     repeats: int = 2,
     inception: bool = False,
+    report: bool = False,
 ) -> StepTimes:
     """Median seconds of ``repeats`` teacher steps (with ``teacher``) and IBMD updates (with
     ``distill``) of the networks ``params`` describe, each after a warm-up, of one image's
-    network evaluation, and (with ``inception``) of one image's Inception forward, on
-    ``engine.device`` with ``engine.num_threads``.
+    network evaluation (in a batch of ``evaluate.batch_size`` and alone), (with ``inception``)
+    of one image's Inception forward and (with ``report``) of the report's whole-set metrics per
+    model and resample, on ``engine.device`` with ``engine.num_threads``; and the seconds since
+    the process started.
 
     ``teacher_checkpoint``: the teacher the distillation will read (its network is timed);
     None = a random teacher of ``params:teacher``'s network. Global random streams are left as
     they were.
     """
+    startup = seconds_since_process_start()
     begin = time.perf_counter()
     engine = parse_config(EngineConfig, params.get("engine"), "engine")
     task = parse_config(TaskConfig, params.get("task"), "task")
@@ -221,7 +301,12 @@ def measure_step_times(
             update = _ibmd_update(checkpoint, distill_config, device, images, task.kind)
             ibmd_update = _median_seconds(update, repeats, device)
         forward = _forward_image(checkpoint, device, images, evaluate_batch)
+        forward_single = _forward_image(checkpoint, device, images, 1)
         inception_image = _inception_image(device) if inception else None
+        report_resample = None
+        if report:
+            evaluate = parse_evaluate_config(params.get("evaluate"))
+            report_resample = report_seconds_per_resample(evaluate, evaluate.num_images)
     path = precision_path(teacher_config if teacher else distill_config, device)
     return StepTimes(
         teacher_step,
@@ -230,4 +315,7 @@ def measure_step_times(
         path,
         probe=time.perf_counter() - begin,
         inception_image=inception_image,
+        forward_single=forward_single,
+        report_resample=report_resample,
+        startup=startup,
     )
