@@ -33,6 +33,10 @@ REPORT = {
     "task": "sr4x_bicubic",
     "corrupted_input": {"fid": 3.5, "lpips": 0.3, "ca": None, "psnr": 12.0, "ssim": 0.4},
     "classifier": {"ceiling": 90.0, "floor": 10.0, "reason": None, "clean_test_accuracy": 90.0},
+    "models": {
+        "teacher": {"bridge": "i2sb", "trained_bf16": True, "trained_steps": 1025},
+        "student": {"trained_nfe": 1, "trained_bf16": False, "trained_steps": None},
+    },
     "notes": ["text is not a metric"],
 }
 
@@ -111,6 +115,9 @@ def test_evaluation_metrics_are_named_by_model_nfe_and_measure():
     assert metrics["student_nfe1/speedup_vs_teacher_nfe4"] == 4.32
     assert metrics["corrupted_input/psnr"] == 12.0
     assert metrics["classifier/ceiling"] == 90.0
+    # the steps that ran (a time budget may plan fewer than the parameters say); unknown ones are left out
+    assert metrics["teacher/trained_steps"] == 1025 and "student/trained_steps" not in metrics
+    assert "teacher/trained_bf16" not in metrics
     # null metrics, identities and text are not metrics
     assert "teacher_nfe4/fid" not in metrics and "teacher_nfe4/ca" not in metrics
     assert "corrupted_input/ca" not in metrics and "classifier/reason" not in metrics
@@ -118,7 +125,7 @@ def test_evaluation_metrics_are_named_by_model_nfe_and_measure():
     per_record = {"teacher_nfe1": 7, "teacher_nfe4": 5, "student_nfe1": 9}  # numbers left per record
     for prefix, count in per_record.items():
         assert sum(name.startswith(prefix + "/") for name in metrics) == count
-    assert len(metrics) == sum(per_record.values()) + 4 + 3
+    assert len(metrics) == sum(per_record.values()) + 4 + 3 + 1
 
 
 def test_history_becomes_stepped_metrics_under_a_prefix():

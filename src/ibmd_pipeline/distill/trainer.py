@@ -416,8 +416,12 @@ def build_distill_run(
     *,
     mask: Tensor | None = None,
     task_kind: str | None = None,
+    progress: bool = False,
 ) -> DistillRun:
     """Load the teacher, build generator, auxiliary model, EMA, optimisers and validation.
+
+    ``progress``: bars over the validation's teacher reference draws (made here, before the first
+    update; the many-step draws take minutes on a CPU).
 
     Checks that the teacher fits the data (task, image size, channels) before any work:
     :class:`~ibmd_pipeline.teacher.model.CheckpointMismatchError` otherwise; and first of all
@@ -547,6 +551,7 @@ def build_distill_run(
             config.validation,
             resolved.student_nfe,
             bf16=run.use_bf16,
+            progress=progress,
         )
     return run
 
@@ -588,7 +593,10 @@ def _train(
     on_snapshot: SnapshotFn | None = None,
 ) -> dict[str, Any]:
     """Build and run the distillation on this rank; returns the student checkpoint (equal on all ranks)."""
-    run = build_distill_run(ctx, corrupted, teacher_checkpoint, config, mask=mask, task_kind=task_kind)
+    run = build_distill_run(
+        ctx, corrupted, teacher_checkpoint, config, mask=mask, task_kind=task_kind,
+        progress=progress and ctx.is_main,
+    )
     resolved = run.resolved
     logger.info(
         "IBMD on %s%s: student NFE %d (%s), noise %s, L=%d aux updates per generator update, lr %.3g / %.3g, "

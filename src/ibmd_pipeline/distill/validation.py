@@ -98,7 +98,7 @@ class DistillValidator:
     xT / mask: the held-out images (on the teacher's device), each drawn ``config.draws``
     times. ``student_nfe`` sets the step counts validated (:func:`student_step_counts`).
     ``bf16``: run the networks under bfloat16 autocast (as training does); the distances are
-    computed in float64.
+    computed in float64. ``progress``: a bar over each of the teacher's reference runs.
     """
 
     def __init__(
@@ -110,9 +110,11 @@ class DistillValidator:
         student_nfe: int,
         *,
         bf16: bool = False,
+        progress: bool = False,
     ):
         self.config = config
         self.bf16 = bf16
+        self.progress = progress
         self.device = xT.device
         self.step_counts = student_step_counts(student_nfe)
         self.schedule = teacher.schedule
@@ -148,7 +150,7 @@ class DistillValidator:
             with self._autocast():
                 x0 = sample(
                     teacher, self.xT, self.schedule, nfe, mode="ancestral", mask=self.mask,
-                    generator=self._noise(offset),
+                    generator=self._noise(offset), progress=self.progress,
                 )
             return self._as_draws(x0.float())
 

@@ -88,7 +88,9 @@ def evaluation_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     One name per model, NFE and measurement: ``teacher_nfe4/fid``, ``student_nfe1/lpips``,
     ``student_nfe1/sec_per_image``; a student's speed-ups are
     ``student_nfe1/speedup_vs_teacher_nfe4``. The corrupted input's scores (the baseline) are
-    ``corrupted_input/<metric>``, the classifier's frame of the CA ``classifier/<key>``.
+    ``corrupted_input/<metric>``, the classifier's frame of the CA ``classifier/<key>``. The steps
+    each model trained (after the run's time budget, which may plan fewer than the logged
+    parameters say) are ``teacher/trained_steps`` and ``student/trained_steps``.
     Metrics that are ``null`` (disabled or not measurable) are left out.
     """
     metrics: dict[str, float] = {}
@@ -108,6 +110,13 @@ def evaluation_metrics(report: Mapping[str, Any]) -> dict[str, float]:
                     put(f"{prefix}/speedup_vs_teacher_nfe{teacher_nfe}", speedup)
             else:
                 put(f"{prefix}/{key}", value)
+    models = report.get("models")
+    # what ran, after any time budget (the logged parameters hold the configured steps)
+    if isinstance(models, Mapping):
+        for model in ("teacher", "student"):
+            facts = models.get(model)
+            if isinstance(facts, Mapping):
+                put(f"{model}/trained_steps", facts.get("trained_steps"))
     for section in ("corrupted_input", "classifier"):
         block = report.get(section)
         if isinstance(block, Mapping):
