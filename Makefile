@@ -45,7 +45,7 @@ test-airflow: setup
 # The catalog's storage tests alone: datasets and faults on memory:// and on a real S3 server
 # (moto, through s3fs). `make test` runs them too.
 test-storage: setup
-	$(BIN)/python -m pytest -p no:cacheprovider tests/io tests/reliability/test_storage_faults.py
+	$(BIN)/python -m pytest -p no:cacheprovider tests/io tests/reliability/test_storage_faults.py tests/data/test_stream_remote.py
 
 airflow-check: setup
 	$(BIN)/python scripts/airflow_check.py

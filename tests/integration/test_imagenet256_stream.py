@@ -4,16 +4,19 @@ layout, with size overrides (64-px crops, the tiny network, a few steps, one CPU
 
 What it proves: the paper-scale configuration streams (``data.stream: auto`` on a folder above
 ``stream_min_images``), the catalog holds manifests and not images, and every later pipeline reads
-its batches from the files.
+its batches from the files; the same run on the images in an object store (``memory://``) keeps
+the URL in the manifests and reads from the store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
@@ -86,6 +89,39 @@ def test_imagenet256_env_runs_end_to_end_on_streamed_images(tmp_path: Path) -> N
     assert pairs_train.stat().st_size < 20_000  # a manifest: paths and labels, not images
     (corrupted,) = (data_root / "05_model_input" / "corrupted_train.npz").glob("*/corrupted_train.npz")
     assert "labels" not in read_bundle(corrupted)
+    (metrics,) = (data_root / "08_reporting" / "metrics.json").glob("*/metrics.json")
+    assert metrics.stat().st_size > 0
+    for name in ("teacher.pt", "student.pt"):
+        assert list((data_root / "06_models" / name).glob(f"*/{name}")), name
+
+
+def test_imagenet256_env_streams_the_same_layout_from_a_bucket(tmp_path: Path) -> None:
+    """The same run on images in an object store (``memory://``): the manifests keep the URL and
+    the teacher, distillation and evaluation read their batches from the store."""
+    images = tmp_path / "imagenet" / "train"
+    write_images(images)
+    bucket = f"memory:///ibmd-{uuid.uuid4().hex[:12]}/imagenet/train"
+    fs = fsspec.filesystem("memory")
+    fs.put(str(images), bucket.removeprefix("memory://"), recursive=True)
+    shutil.rmtree(images)  # nothing is read from the local copy
+    params = {**OVERRIDES, "data": {**OVERRIDES["data"], "path": bucket}}
+    conf = tmp_path / "conf"
+    shutil.copytree(PROJECT_ROOT / "conf", conf, ignore=shutil.ignore_patterns("credentials*"))
+    data_root = tmp_path / "data"
+    (conf / "imagenet256" / "globals.yml").write_text(f"data_root: {data_root}\n")
+    try:
+        with contextlib.chdir(tmp_path):
+            bootstrap_project(PROJECT_ROOT)
+            for pipeline in ("degrade", "teacher", "distill", "evaluate"):
+                with KedroSession.create(
+                    project_path=PROJECT_ROOT, env="imagenet256", conf_source=str(conf), runtime_params=params
+                ) as session:
+                    session.run(pipeline_names=[pipeline])
+    finally:
+        fs.rm(bucket.removeprefix("memory://").split("/imagenet")[0], recursive=True)
+    (pairs_train,) = (data_root / "05_model_input" / "pairs_train.npz").glob("*/pairs_train.npz")
+    manifest = read_bundle(pairs_train)["stream"]
+    assert manifest["root"] == bucket and len(manifest["files"]) > 100
     (metrics,) = (data_root / "08_reporting" / "metrics.json").glob("*/metrics.json")
     assert metrics.stat().st_size > 0
     for name in ("teacher.pt", "student.pt"):

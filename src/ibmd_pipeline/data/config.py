@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ibmd_pipeline.engine.config import require
+from ibmd_pipeline.engine.storage import is_local
 
 DataSource = Literal["embedded", "folder", "tar", "paired_ab", "paired_folders", "paired_suffix"]
 PAIRED_SOURCES: tuple[str, ...] = ("paired_ab", "paired_folders", "paired_suffix")
+#: Filesystem arguments that are secrets: ``data.storage_options`` is written into the manifests.
+SECRET_OPTIONS = frozenset(
+    {"key", "secret", "token", "password", "session_token", "client_secret", "account_key", "sas_token"}
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,13 @@ class DataConfig:
         ``name<corrupted_suffix>.png`` (DDBM's preprocessed DIODE: ``x.png`` and ``x_normal.png``);
         files that are neither are ignored with a warning.
     path: the image folder (``folder``, ``paired_ab``, ``paired_suffix``) or the clean-image folder
-        (``paired_folders``).
+        (``paired_folders``). For streamed ``folder`` and ``tar`` sources it may be an fsspec URL
+        (``s3://bucket/prefix``, ``gs://...``, ``memory://...``; ``data.remote``): such a source is
+        always streamed.
+    storage_options: fsspec filesystem arguments for a URL ``path`` (e.g.
+        ``{client_kwargs: {endpoint_url: ...}}``, ``anon: true``), or null. They are saved in the
+        manifests, so no secret (``key``, ``secret``, ``token``, ...) is allowed: credentials come
+        from the store's usual environment variables or files.
     corrupted_path: the corrupted-image folder (``paired_folders`` only).
     direction: ``a_to_b`` = A (left half) is corrupted, B (right half) is clean; ``b_to_a`` swaps them.
     corrupted_suffix: ``paired_suffix`` only: what the corrupted partner's name adds to the stem.
@@ -74,6 +85,7 @@ class DataConfig:
     stream_min_images: int = 20000
     workers: int = 4
     prefetch: int = 2
+    storage_options: dict[str, Any] | None = None
 
     def validate(self, key: str) -> None:
         prefix = f"{key}." if key else ""
@@ -137,11 +149,55 @@ class DataConfig:
                 f"is only used by source 'paired_folders', got it with source '{self.source}'",
             )
 
+        self._validate_urls(prefix)
+
         if self.source == "paired_suffix":
             require(
                 bool(self.corrupted_suffix) and "/" not in self.corrupted_suffix,
                 f"{prefix}corrupted_suffix",
                 f"must be a non-empty name ending such as '_normal', got {self.corrupted_suffix!r}",
+            )
+
+    def _validate_urls(self, prefix: str) -> None:
+        """A URL ``path`` only for streamed sources; ``storage_options`` only with one, and no secrets."""
+        url = bool(self.path) and not is_local(str(self.path))
+        if url:
+            require(
+                self.source in ("folder", "tar"),
+                f"{prefix}path",
+                f"an object-store URL ('{self.path}') is read by the streamed sources 'folder' and 'tar' "
+                f"only, got source '{self.source}'; copy the images to a local folder",
+            )
+            require(
+                self.stream is not False,
+                f"{prefix}stream",
+                f"a source at an object-store URL ('{self.path}') is always streamed; "
+                "set data.stream: true (or auto)",
+            )
+        if self.corrupted_path is not None:
+            require(
+                is_local(str(self.corrupted_path)),
+                f"{prefix}corrupted_path",
+                f"must be a local folder (paired sources are read into memory), got '{self.corrupted_path}'",
+            )
+        if self.storage_options is not None:
+            require(
+                url,
+                f"{prefix}storage_options",
+                "is only used with an object-store URL as data.path (s3://, gs://, memory://, ...)",
+            )
+            require(
+                all(isinstance(name, str) for name in self.storage_options),
+                f"{prefix}storage_options",
+                f"must map option names to values, got keys {list(self.storage_options)!r}",
+            )
+            secrets = sorted(SECRET_OPTIONS & set(self.storage_options))
+            require(
+                not secrets,
+                f"{prefix}storage_options",
+                f"must not hold credentials ({', '.join(secrets)}): they would be saved in the manifests; "
+                "set them in the store's environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "~/.aws, GOOGLE_APPLICATION_CREDENTIALS)",
             )
 
     @property

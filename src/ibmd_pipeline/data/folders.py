@@ -18,6 +18,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
+from ibmd_pipeline.data import remote
 from ibmd_pipeline.data.config import DataConfig
 from ibmd_pipeline.data.image_set import DataError, ImageSet, select_indices
 from ibmd_pipeline.degradations.ops import from_uint8
@@ -48,7 +49,13 @@ def _few(names: list[str]) -> str:
 
 
 def check_folder(path: str, key: str) -> Path:
-    """``path`` as an existing folder, or a :class:`ConfigError` naming ``key``."""
+    """``path`` as an existing local folder, or a :class:`ConfigError` naming ``key``."""
+    if remote.is_url(path):
+        raise ConfigError(
+            key,
+            f"'{path}' is in an object store, which only the streamed sources 'folder' and 'tar' read; "
+            "set data.stream: true",
+        )
     root = Path(path).expanduser()
     if not root.exists():
         raise ConfigError(key, f"folder '{root}' does not exist")
@@ -251,7 +258,12 @@ def _suffix_items(config: DataConfig) -> tuple[list[_Item], Path]:
 
 def check_sources(config: DataConfig) -> None:
     """Cheap checks of the configured folders (they exist), before anything is loaded."""
-    if config.source == "tar":
+    if remote.is_url(config.path):  # the store answers (the listing checks a tar source's shards)
+        if config.source == "folder":
+            remote.check_folder(str(config.path), "data.path", config.storage_options)
+        else:
+            remote.check_reachable(str(config.path), config.storage_options)
+    elif config.source == "tar":
         if config.path is not None and not Path(config.path).expanduser().exists():
             raise ConfigError("data.path", f"'{Path(config.path).expanduser()}' does not exist")
     elif config.path is not None:

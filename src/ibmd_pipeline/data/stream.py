@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ibmd_pipeline.data import remote
 from ibmd_pipeline.data.config import DataConfig
 from ibmd_pipeline.data.folders import (
     UNREADABLE_ERRORS,
@@ -62,8 +63,8 @@ from ibmd_pipeline.engine.config import ConfigError, config_to_dict, parse_confi
 #: The key of a pair bundle that makes it a streamed bundle (its value: the manifest).
 STREAM_KEY = "stream"
 #: Separates a tar shard from the member inside it in a manifest entry.
-TAR_SEPARATOR = "::"
-TAR_SUFFIXES = (".tar",)
+TAR_SEPARATOR = remote.TAR_SEPARATOR
+TAR_SUFFIXES = remote.TAR_SUFFIXES
 
 
 # --------------------------------------------------------------------------- the manifest
@@ -97,25 +98,31 @@ def _tar_members(root: Path) -> list[str]:
     return entries
 
 
-def list_entries(config: DataConfig) -> tuple[str, list[str]]:
-    """``(root, entries)``: the folder the entries are relative to and every file, sorted.
+def list_entries(config: DataConfig) -> tuple[str, list[str], dict[str, list[int]]]:
+    """``(root, entries, ranges)``: the folder the entries are relative to, every file, sorted, and
+    for the tar members of an object store their ``[offset, size]`` in the shard (``data.remote``).
 
     Nothing is decoded: a large folder is listed in seconds.
     """
     if config.path is None:
         raise ConfigError("data.path", f"is required for a streamed source, got source '{config.source}'")
+    if remote.is_url(config.path) and config.source in ("folder", "tar"):
+        if config.source == "tar":
+            return remote.list_tar_entries(config.path, config.storage_options)
+        root = remote.check_folder(config.path, "data.path", config.storage_options)
+        return root, remote.list_files(root, "data.path", config.storage_options), {}
     if config.source == "tar":
         root = Path(config.path).expanduser()
         if not root.exists():
             raise ConfigError("data.path", f"'{root}' does not exist")
         entries = _tar_members(root)
-        return str(root if root.is_dir() else root.parent), entries
+        return str(root if root.is_dir() else root.parent), entries, {}
     if config.source != "folder":
         raise ConfigError(
             "data.stream", f"streams sources 'folder' and 'tar' only, got source '{config.source}'"
         )
     root = check_folder(config.path, "data.path")
-    return str(root), list(list_files(root, "data.path"))
+    return str(root), list(list_files(root, "data.path")), {}
 
 
 def _label_name(entry: str) -> str:
@@ -125,7 +132,7 @@ def _label_name(entry: str) -> str:
 
 def build_manifests(data: DataConfig, task: TaskConfig, seed: int) -> dict[str, dict[str, Any]]:
     """One manifest per split, drawn as the in-memory path draws its split (see the module notes)."""
-    root, entries = list_entries(data)
+    root, entries, ranges = list_entries(data)
     keep = select_indices(len(entries), data.max_images, seed)
     entries = [entries[i] for i in keep]
     labels, class_names = class_labels([_label_name(entry) for entry in entries])
@@ -145,6 +152,8 @@ def build_manifests(data: DataConfig, task: TaskConfig, seed: int) -> dict[str, 
             "split": split,
             "split_index": split_index,
         }
+        if ranges:  # tar members in an object store: read by byte range
+            manifest["ranges"] = [ranges[entries[i]] for i in index]
         split_labels = None if labels is None else labels[torch.as_tensor(index)]
         bundles[split] = _bundle(manifest, split_labels, class_names)
     return bundles
@@ -180,6 +189,8 @@ def streams(config: DataConfig) -> bool:
         return True
     if config.source != "folder":
         return False
+    if remote.is_url(config.path):
+        return True  # only the streamed path reads an object store
     if config.max_images is not None and config.max_images < config.stream_min_images:
         return False
     # Count up to the threshold only: a large folder is not listed twice.
@@ -206,8 +217,19 @@ def _open_shard(path: str) -> tarfile.TarFile:
     return _OPEN_SHARDS[key]
 
 
-def read_entry(root: str, entry: str, mode: str) -> Image.Image:
-    """Decode one manifest entry; an unreadable image or shard is a :class:`DataError` naming it."""
+def read_entry(
+    root: str,
+    entry: str,
+    mode: str,
+    storage_options: Mapping[str, Any] | None = None,
+    byte_range: list[int] | None = None,
+) -> Image.Image:
+    """Decode one manifest entry; an unreadable image or shard is a :class:`DataError` naming it.
+
+    A ``root`` in an object store is read through ``data.remote`` (a tar member by ``byte_range``).
+    """
+    if remote.is_url(root):
+        return remote.read_entry(root, entry, mode, storage_options, byte_range)
     if TAR_SEPARATOR in entry:
         shard, member = entry.split(TAR_SEPARATOR, 1)
         where = f"'{member}' in tar shard '{Path(root) / shard}'"
@@ -245,6 +267,8 @@ class _Manifest:
     task: TaskConfig
     seed: int
     split_index: int
+    storage_options: dict[str, Any] | None = None
+    ranges: tuple[list[int], ...] | None = None
 
 
 def _manifest(bundle: Mapping[str, Any]) -> _Manifest:
@@ -263,6 +287,8 @@ def _manifest(bundle: Mapping[str, Any]) -> _Manifest:
         task=parse_config(TaskConfig, raw["task"], "task"),
         seed=int(raw["seed"]),
         split_index=int(raw["split_index"]),
+        storage_options=raw["data"].get("storage_options"),
+        ranges=tuple(raw["ranges"]) if "ranges" in raw else None,
     )
 
 
@@ -279,6 +305,8 @@ class StreamedPairs(Dataset):
         self.manifest = _manifest(bundle)
         self.targets = targets
         self.dtype = torch.get_default_dtype()
+        if remote.is_url(self.manifest.root):  # a missing bucket or credential fails before any training
+            remote.check_reachable(self.manifest.root, self.manifest.storage_options)
 
     def __len__(self) -> int:
         return len(self.manifest.files)
@@ -301,7 +329,10 @@ class StreamedPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         m = self.manifest
-        image = read_entry(m.root, m.files[index], "L" if m.channels == 1 else "RGB")
+        byte_range = None if m.ranges is None else m.ranges[index]
+        image = read_entry(
+            m.root, m.files[index], "L" if m.channels == 1 else "RGB", m.storage_options, byte_range
+        )
         if m.small_images == "error" and min(image.size) < m.image_size:
             raise DataError(
                 f"image '{m.files[index]}' under '{m.root}' is {image.size[0]}x{image.size[1]}, smaller than "
