@@ -333,7 +333,8 @@ class StreamedPairs(Dataset):
         image = read_entry(m.root, m.files[index], "L" if m.channels == 1 else "RGB")
         item = {"index": torch.tensor(index)}
         if m.source == "paired_ab":
-            clean_half, corrupted_half = split_ab(image, m.direction, Path(m.root) / m.files[index])
+            # A plain join: the root may be a URL, which Path would mangle.
+            clean_half, corrupted_half = split_ab(image, m.direction, f"{m.root}/{m.files[index]}")
             if self.targets:
                 item["clean"] = self._fit(clean_half, index)[0].to(self.dtype)
             nearest = m.corrupted_resample == "nearest"
