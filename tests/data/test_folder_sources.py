@@ -123,6 +123,14 @@ def test_ab_images_split_into_corrupted_and_clean_halves(tmp_path, direction, co
     assert data.clean.eq(level(clean_value)).all() and data.corrupted.eq(level(corrupted_value)).all()
 
 
+def test_an_ab_image_of_odd_width_is_an_error_naming_it(tmp_path):
+    for i in range(3):
+        side_by_side(50, 200).save(tmp_path / f"{i}.png")
+    gray(50, (81, 40)).save(tmp_path / "odd.png")
+    with pytest.raises(DataError, match="odd.png.*odd width"):
+        load_folder_images(config(source="paired_ab", path=str(tmp_path)), seed=0)
+
+
 def test_two_folders_are_matched_by_name_without_extension(tmp_path):
     clean, corrupted = tmp_path / "clean", tmp_path / "corrupted"
     clean.mkdir()

@@ -1,5 +1,5 @@
 """Streamed data: the same images and batches as the in-memory path, per-image seeds, no clean
-images for distillation, tar shards, and one clear error for an unreadable file."""
+images for distillation, tar shards, pix2pix AB pairs, and one clear error for an unreadable file."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ def write_imagenet_layout(root: Path, count: int, seed: int = 0) -> Path:
     return root
 
 
+def write_ab_pairs(root: Path, count: int, seed: int = 0) -> Path:
+    """``count`` random RGB pix2pix files (A|B side by side, even widths) of assorted sizes."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        height, half = rng.integers(SIZE, 2 * SIZE, size=2)
+        pixels = rng.integers(0, 256, size=(height, 2 * half, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"pair{i:03d}.png")
+    return root
+
+
 def data_config(path: Path, stream: bool | str, **extra) -> DataConfig:
     values = {"source": "folder", "path": str(path), "image_size": SIZE, "channels": 3, "stream": stream}
     return parse_config(DataConfig, {**values, "workers": 0, **extra}, "data")
@@ -41,6 +52,18 @@ def data_config(path: Path, stream: bool | str, **extra) -> DataConfig:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     return write_imagenet_layout(tmp_path_factory.mktemp("imagenet"), 30)
+
+
+@pytest.fixture(scope="module")
+def ab_folder(tmp_path_factory) -> Path:
+    return write_ab_pairs(tmp_path_factory.mktemp("edges2things"), 24)
+
+
+#: (source fixture, data settings, task) of a degraded source and of a pix2pix AB source
+SOURCES = {
+    "folder": ("folder", {}, {"kind": "sr4x_bicubic"}),
+    "paired_ab": ("ab_folder", {"source": "paired_ab"}, {"kind": "paired"}),
+}
 
 
 def test_streamed_splits_hold_the_in_memory_images_in_the_same_order(folder):
@@ -57,9 +80,30 @@ def test_streamed_splits_hold_the_in_memory_images_in_the_same_order(folder):
         assert streamed[split]["class_names"] == memory[split]["class_names"] == ["n00", "n01", "n02"]
 
 
-def test_a_teacher_trains_the_same_on_streamed_and_in_memory_pairs(folder):
+@pytest.mark.parametrize(
+    ("direction", "resize", "corrupted_resample"),
+    [("a_to_b", "fit_bicubic", "same"), ("b_to_a", "ddbm", "nearest"), ("a_to_b", "i2sb", "same")],
+)
+def test_streamed_ab_pairs_are_the_in_memory_pairs(ab_folder, direction, resize, corrupted_resample):
+    """Same halves, orientation, resize and [-1, 1] range, bit for bit; nothing is degraded."""
+    settings = {"direction": direction, "resize": resize, "corrupted_resample": corrupted_resample}
+    task = TaskConfig(kind="paired")
+    memory = build_pair_bundles(data_config(ab_folder, False, source="paired_ab", **settings), task, seed=3)
+    streamed = build_pair_bundles(data_config(ab_folder, True, source="paired_ab", **settings), task, seed=3)
+    for split in ("train", "val", "test"):
+        assert is_streamed(streamed[split]) and not is_streamed(memory[split])
+        batch = materialise(StreamedPairs(streamed[split]), range(len(memory[split]["clean"])))
+        assert set(batch) == {"index", "clean", "corrupted"}
+        assert torch.equal(batch["clean"], memory[split]["clean"])
+        assert torch.equal(batch["corrupted"], memory[split]["corrupted"])
+        assert not torch.equal(batch["clean"], batch["corrupted"])
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_teacher_trains_the_same_on_streamed_and_in_memory_pairs(request, source):
     """Same seed, same batches: the two paths give the same history and weights, bit for bit."""
-    task = {"kind": "sr4x_bicubic"}
+    fixture, settings, task = SOURCES[source]
+    root = request.getfixturevalue(fixture)
     params = {
         "model": {"network": {"preset": "tiny"}},
         "train": {"steps": 4, "batch_size": 4, "log_every": 2, "ema_decay": 0.9},
@@ -67,7 +111,7 @@ def test_a_teacher_trains_the_same_on_streamed_and_in_memory_pairs(folder):
     }
     results = []
     for stream in (False, True):
-        bundles = build_pair_bundles(data_config(folder, stream), TaskConfig(**task), seed=0)
+        bundles = build_pair_bundles(data_config(root, stream, **settings), TaskConfig(**task), seed=0)
         config = parse_teacher_config(params, seed=0)
         results.append(train_teacher(config, bundles["train"], bundles["val"], task=task, progress=False))
     (memory, memory_history), (streamed, streamed_history) = results
@@ -99,15 +143,23 @@ def test_each_image_is_degraded_with_its_own_seed_whatever_the_order_or_worker_c
     assert torch.equal(reader.get(3)["corrupted"], read[0][3])
 
 
-def test_the_distillation_reader_yields_no_clean_image(folder):
-    bundles = build_pair_bundles(data_config(folder, True), TaskConfig(kind="inpaint_center"), seed=0)
+@pytest.mark.parametrize(
+    ("fixture", "settings", "task", "keys"),
+    [
+        ("folder", {}, "inpaint_center", {"index", "corrupted", "mask"}),
+        ("ab_folder", {"source": "paired_ab"}, "paired", {"index", "corrupted"}),
+    ],
+)
+def test_the_distillation_reader_yields_no_clean_image(request, fixture, settings, task, keys):
+    root = request.getfixturevalue(fixture)
+    bundles = build_pair_bundles(data_config(root, True, **settings), TaskConfig(kind=task), seed=0)
     corrupted = corrupted_only(bundles["train"])
     assert "labels" not in corrupted and "class_names" not in corrupted
     dataset = StreamedPairs(corrupted, targets=False)
     reader = StepBatches(dataset, lambda step: [torch.arange(4) + 4 * step], steps=2, workers=1)
     for step in range(2):
         batch = reader.get(step)
-        assert set(batch) == {"index", "corrupted", "mask"}
+        assert set(batch) == keys
         clean = materialise(StreamedPairs(bundles["train"]), range(4 * step, 4 * step + 4))["clean"]
         assert not any(torch.equal(value, clean) for value in batch.values())
 
@@ -151,9 +203,34 @@ def test_an_unreadable_image_or_shard_is_one_error_naming_it(tmp_path):
         build_pair_bundles(config, TaskConfig(kind="sr4x_pool"), seed=0)
 
 
+@pytest.mark.parametrize("defect", ["odd_width", "unreadable"])
+def test_a_bad_ab_file_is_one_error_naming_it(tmp_path, defect):
+    root = write_ab_pairs(tmp_path / "pairs", 12)
+    broken = root / "pair004.png"
+    if defect == "odd_width":
+        Image.fromarray(np.zeros((SIZE, 2 * SIZE + 1, 3), dtype=np.uint8)).save(broken)
+    else:
+        broken.write_bytes(b"not a png")
+    config = data_config(root, True, source="paired_ab")
+    bundles = build_pair_bundles(config, TaskConfig(kind="paired"), seed=0)
+    split = next(s for s in ("train", "val", "test") if "pair004.png" in bundles[s]["stream"]["files"])
+    for targets in (True, False):
+        dataset = StreamedPairs(bundles[split], targets=targets)
+        with pytest.raises(DataError, match="pair004.png") as raised:
+            materialise(dataset, range(len(dataset)))
+        assert ("odd width" in str(raised.value)) == (defect == "odd_width")
+
+
 def test_data_stream_is_validated():
     with pytest.raises(ConfigError, match="data.stream"):
         parse_config(DataConfig, {"stream": True}, "data")  # the embedded set is never streamed
+    with pytest.raises(ConfigError, match="data.stream"):
+        parse_config(
+            DataConfig,
+            {"source": "paired_folders", "path": "c", "corrupted_path": "x", "stream": True},
+            "data",
+        )
+    assert parse_config(DataConfig, {"source": "paired_ab", "path": "ab", "stream": True}, "data").stream
     with pytest.raises(ConfigError, match="data.stream"):
         parse_config(DataConfig, {"source": "tar", "path": "x.tar", "stream": False}, "data")
     with pytest.raises(ConfigError, match="data.stream"):
@@ -162,7 +239,9 @@ def test_data_stream_is_validated():
         parse_config(DataConfig, {"workers": -1}, "data")
 
 
-def test_auto_streams_tar_sources_and_folders_from_stream_min_images(folder):
+def test_auto_streams_tar_sources_and_folders_from_stream_min_images(folder, ab_folder):
+    assert streams(data_config(ab_folder, "auto", source="paired_ab", stream_min_images=24))  # 24 pairs
+    assert not streams(data_config(ab_folder, "auto", source="paired_ab", stream_min_images=25))
     assert streams(data_config(folder, "auto", stream_min_images=30))  # 30 images
     assert not streams(data_config(folder, "auto", stream_min_images=31))
     assert not streams(data_config(folder, "auto", stream_min_images=30, max_images=29))

@@ -1,8 +1,12 @@
-"""Distillation over streamed images on 2 Gloo processes matches one process on the same global batch.
+"""Teacher training and distillation over streamed images on 2 Gloo processes match one process
+on the same global batch.
 
 Each rank's ``StepBatches`` reads its part of every global batch from the image files (with a
 reader worker), so this checks the streamed sharding end to end: the same images reach the
-same updates as in one process reading the whole global batch. As in
+same updates as in one process reading the whole global batch. The teacher, which otherwise
+draws times and noise from a stream per rank, is run with ``train.global_batch_size``: its
+draws then belong to the global batch, so both runs see the same ones and only the data-parallel
+arithmetic and the streamed sharding remain to compare. As in
 ``tests/engine/test_ddp_training.py`` the runs are in float64 and the tolerances come from the
 arithmetic (``tests/numerics.py``): the longest reduction is a convolution's weight gradient over
 ``global batch * H * W`` terms; AdamW turns a gradient difference of ``N u`` (clipped to norm 1)
@@ -32,6 +36,7 @@ from ibmd_pipeline.engine.launch import launch_local
 from ibmd_pipeline.teacher import parse_teacher_config, train_teacher
 
 SIZE, WORLD, PER_RANK_BATCH = 16, 2, 4
+GLOBAL = PER_RANK_BATCH * WORLD
 LR, GRAD_CLIP, STEPS, AUX_STEPS = 1e-3, 1.0, 2, 2
 DTYPE = torch.float64
 TASK = {"kind": "sr4x_bicubic"}
@@ -58,8 +63,34 @@ def _distill(bundle: dict[str, Any], teacher: dict[str, Any], config) -> dict[st
         return distill_student(images, teacher, config, task_kind=TASK["kind"], device="cpu", progress=False)
 
 
+def _teacher_params(batch_size: int) -> dict[str, Any]:
+    return {
+        "model": {"network": {"preset": "tiny"}},
+        "train": {"steps": STEPS, "batch_size": batch_size, "global_batch_size": GLOBAL, "lr": LR,
+                  "log_every": 1, "bf16": False, "grad_clip": GRAD_CLIP},
+        "validation": {"every": 0, "batch_size": 2},
+        "distributed": {"backend": "gloo"},
+    }  # fmt: skip
+
+
+def _train_streamed_teacher(bundles: dict[str, Any], config) -> dict[str, Any]:
+    """Train the teacher on the streamed bundles in float64 (in this process or as one rank)."""
+    with default_dtype(DTYPE, threads=1):
+        trained, _ = train_teacher(
+            config, bundles["train"], bundles["val"], task=TASK, device="cpu", progress=False
+        )
+        return trained
+
+
+def _ranks(teacher_args: tuple, distill_args: tuple) -> dict[str, Any]:
+    """One rank of both 2-process runs: the streamed teacher, then the distillation (one spawn)."""
+    return {"teacher": _train_streamed_teacher(*teacher_args), "student": _distill(*distill_args)}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Any]:
+    """Streamed teacher training (global batch 8) and distillation from a fixed teacher, each on
+    2 Gloo ranks x 4 images (one spawn for both) and in one process reading all 8."""
     root = write_imagenet_layout(tmp_path_factory.mktemp("images"), 24)
     bundles = build_pair_bundles(data_config(root, True, workers=1), TaskConfig(**TASK), seed=0)
     with default_dtype(DTYPE, threads=1):
@@ -77,10 +108,21 @@ def runs(tmp_path_factory) -> dict[str, Any]:
             progress=False,
         )
     corrupted = corrupted_only(bundles["train"])
+    pairs = {split: bundles[split] for split in ("train", "val")}
     ddp_config = parse_distill_config(_distill_params(PER_RANK_BATCH))
-    ddp = launch_local(_distill, WORLD, (corrupted, teacher, ddp_config), ddp_config.distributed)
+    ddp_teacher_config = parse_teacher_config(_teacher_params(PER_RANK_BATCH), seed=0)
+    ddp = launch_local(
+        _ranks,
+        WORLD,
+        ((pairs, ddp_teacher_config), (corrupted, teacher, ddp_config)),
+        ddp_config.distributed,
+    )
     single = _distill(corrupted, teacher, parse_distill_config(_distill_params(PER_RANK_BATCH * WORLD)))
-    return {"ddp": ddp, "single": single, "teacher": teacher}
+    single_teacher = _train_streamed_teacher(pairs, parse_teacher_config(_teacher_params(GLOBAL), seed=0))
+    return {
+        "ddp": ddp["student"], "single": single, "teacher": teacher,
+        "ddp_teacher": ddp["teacher"], "single_teacher": single_teacher,
+    }  # fmt: skip
 
 
 def assert_same_training(
@@ -120,6 +162,15 @@ def test_streamed_distillation_on_two_processes_matches_one(runs) -> None:
     assert_same_training(runs["ddp"], runs["single"], UPDATES, LOSSES, runs["teacher"]["ema"]["model"])
 
 
+def test_streamed_teacher_on_two_processes_matches_one(runs) -> None:
+    ddp, single = runs["ddp_teacher"], runs["single_teacher"]
+    assert ddp["step"] == single["step"] == STEPS
+    assert_same_training(ddp, single, {"model": STEPS}, ("loss",), single["ema"]["model"])
+    atol = adam_weight_atol(STEPS, LR, TERMS, DTYPE, grad_bound=GRAD_CLIP)
+    for key, value in single["ema"]["model"].items():
+        torch.testing.assert_close(ddp["ema"]["model"][key], value, atol=atol, rtol=0, msg=key)
+
+
 def test_parity_tolerance_sits_far_below_one_update() -> None:
     """A batch of other images moves the weights by about ``lr`` per update; the bound is far below."""
     assert adam_weight_atol(STEPS * AUX_STEPS, LR, TERMS, DTYPE, grad_bound=GRAD_CLIP) < 1e-3 * LR
@@ -127,22 +178,9 @@ def test_parity_tolerance_sits_far_below_one_update() -> None:
 
 # --------------------------------------------------------------------------- gradient accumulation
 
-GLOBAL = PER_RANK_BATCH * WORLD
-
 
 def _teacher(bundles: dict[str, Any], batch_size: int) -> dict[str, Any]:
-    params = {
-        "model": {"network": {"preset": "tiny"}},
-        "train": {"steps": STEPS, "batch_size": batch_size, "global_batch_size": GLOBAL, "lr": LR,
-                  "log_every": 1, "bf16": False, "grad_clip": GRAD_CLIP},
-        "validation": {"every": 0, "batch_size": 2},
-    }  # fmt: skip
-    with default_dtype(DTYPE, threads=1):
-        config = parse_teacher_config(params, seed=0)
-        trained, _ = train_teacher(
-            config, bundles["train"], bundles["val"], task=TASK, device="cpu", progress=False
-        )
-        return trained
+    return _train_streamed_teacher(bundles, parse_teacher_config(_teacher_params(batch_size), seed=0))
 
 
 @pytest.fixture(scope="module")

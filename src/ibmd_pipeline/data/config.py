@@ -14,6 +14,8 @@ PAIRED_SOURCES: tuple[str, ...] = ("paired_ab", "paired_folders", "paired_suffix
 SECRET_OPTIONS = frozenset(
     {"key", "secret", "token", "password", "session_token", "client_secret", "account_key", "sas_token"}
 )
+#: Sources ``data.stream`` can read file by file (``tar`` is always streamed).
+STREAMED_SOURCES: tuple[str, ...] = ("folder", "tar", "paired_ab")
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,11 @@ class DataConfig:
     max_images: use at most this many images (a seeded random subset), or all when null.
     stream: read the images from their files batch by batch, degrading each on the fly
         (``data.stream``; docs/scaling.md), instead of decoding the whole set into memory:
-        ``true``, ``false``, or ``auto``: stream ``tar`` sources, and ``folder`` sources of at
-        least ``stream_min_images`` images (after ``max_images``). Other sources are never streamed.
-    stream_min_images: the size from which ``auto`` streams a folder.
+        ``true``, ``false``, or ``auto``: stream ``tar`` sources, and ``folder`` and ``paired_ab``
+        sources of at least ``stream_min_images`` images (after ``max_images``). A streamed
+        ``paired_ab`` file is split into its halves on the fly and not degraded. Other sources
+        are never streamed.
+    stream_min_images: the size from which ``auto`` streams a folder (``folder``, ``paired_ab``).
     workers: reader processes of the streamed loader (0: read in the training process).
     prefetch: batches each reader process keeps ready ahead of the step.
     small_images: what to do with folder images whose shorter side is below ``image_size``:
@@ -121,9 +125,9 @@ class DataConfig:
         require(self.prefetch >= 1, f"{prefix}prefetch", f"must be >= 1, got {self.prefetch}")
         if self.stream is True:
             require(
-                self.source in ("folder", "tar"),
+                self.source in STREAMED_SOURCES,
                 f"{prefix}stream",
-                f"streams sources 'folder' and 'tar' only, got source '{self.source}'; "
+                f"streams sources 'folder', 'tar' and 'paired_ab' only, got source '{self.source}'; "
                 "allowed values here: false, auto",
             )
         if self.source == "tar":

@@ -92,11 +92,21 @@ def _read(path: Path, mode: str) -> Image.Image:
         return image.convert(mode)
 
 
-def _split_ab(image: Image.Image) -> tuple[Image.Image, Image.Image]:
-    """The left (A) and right (B) halves of a pix2pix side-by-side image."""
+def split_ab(image: Image.Image, direction: str, path: Path | str) -> tuple[Image.Image, Image.Image]:
+    """``(clean, corrupted)``: the halves of the pix2pix side-by-side image read from ``path``.
+
+    A (left) is the corrupted side for ``direction`` ``a_to_b``, B (right) for ``b_to_a``. An odd
+    width has no two equal halves (the file is not an AB pair): a :class:`DataError` naming ``path``.
+    """
     width, height = image.size
+    if width % 2:
+        raise DataError(
+            f"pix2pix AB image '{path}' is {width}x{height}: an odd width cannot hold two halves of "
+            "equal size side by side"
+        )
     half = width // 2
-    return image.crop((0, 0, half, height)), image.crop((half, 0, width, height))
+    a_half, b_half = image.crop((0, 0, half, height)), image.crop((half, 0, width, height))
+    return (b_half, a_half) if direction == "a_to_b" else (a_half, b_half)
 
 
 def fit_image(image: Image.Image, size: int, resize: str, nearest: bool = False) -> np.ndarray:
@@ -126,8 +136,7 @@ def _decode(items: list[_Item], config: DataConfig, root: Path) -> ImageSet:
             unreadable.append(f"{item.name} ({type(err).__name__})")
             continue
         if config.source == "paired_ab":
-            a_half, b_half = _split_ab(image)
-            partner, image = (a_half, b_half) if config.direction == "a_to_b" else (b_half, a_half)
+            image, partner = split_ab(image, config.direction, item.path)
         views = [image] if partner is None else [image, partner]
         smallest = min(views, key=lambda view: min(view.size))
         if min(smallest.size) < size:

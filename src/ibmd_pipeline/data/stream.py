@@ -5,7 +5,9 @@ paths under a folder, or ``shard.tar::member`` names), their labels and the seed
 :class:`StreamedPairs` dataset decodes one image at a time from it and degrades it with a
 generator seeded from ``(seed, split, position in the split)``, so every image of every split is
 the same whichever worker reads it, in whatever order; :class:`StepBatches` feeds a trainer the
-batches its step asks for through a torch ``DataLoader`` whose workers read ahead.
+batches its step asks for through a torch ``DataLoader`` whose workers read ahead. A
+``paired_ab`` source streams the same way, except that each pix2pix file already holds both
+sides: it is split as ``folders.split_ab`` splits it in memory, and nothing is degraded.
 
 What is stored is the manifest (paths and int64 labels); the images stay uint8 files on disk.
 Nothing here copies a split into memory, except :func:`materialise` for the few images a
@@ -38,13 +40,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ibmd_pipeline.data import remote
-from ibmd_pipeline.data.config import DataConfig
+from ibmd_pipeline.data.config import STREAMED_SOURCES, DataConfig
 from ibmd_pipeline.data.folders import (
     UNREADABLE_ERRORS,
     check_folder,
     class_labels,
     fit_image,
     list_files,
+    split_ab,
 )
 from ibmd_pipeline.data.image_set import (
     SPLITS,
@@ -117,9 +120,10 @@ def list_entries(config: DataConfig) -> tuple[str, list[str], dict[str, list[int
             raise ConfigError("data.path", f"'{root}' does not exist")
         entries = _tar_members(root)
         return str(root if root.is_dir() else root.parent), entries, {}
-    if config.source != "folder":
+    if config.source not in STREAMED_SOURCES:
         raise ConfigError(
-            "data.stream", f"streams sources 'folder' and 'tar' only, got source '{config.source}'"
+            "data.stream",
+            f"streams sources {', '.join(map(repr, STREAMED_SOURCES))} only, got source '{config.source}'",
         )
     root = check_folder(config.path, "data.path")
     return str(root), list(list_files(root, "data.path")), {}
@@ -187,7 +191,7 @@ def streams(config: DataConfig) -> bool:
         return bool(config.stream)
     if config.source == "tar":
         return True
-    if config.source != "folder":
+    if config.source not in STREAMED_SOURCES:
         return False
     if remote.is_url(config.path):
         return True  # only the streamed path reads an object store
@@ -267,6 +271,9 @@ class _Manifest:
     task: TaskConfig
     seed: int
     split_index: int
+    source: str
+    direction: str
+    corrupted_resample: str
     storage_options: dict[str, Any] | None = None
     ranges: tuple[list[int], ...] | None = None
 
@@ -287,6 +294,9 @@ def _manifest(bundle: Mapping[str, Any]) -> _Manifest:
         task=parse_config(TaskConfig, raw["task"], "task"),
         seed=int(raw["seed"]),
         split_index=int(raw["split_index"]),
+        source=str(raw["data"].get("source", "folder")),
+        direction=str(raw["data"].get("direction", "a_to_b")),
+        corrupted_resample=str(raw["data"].get("corrupted_resample", "same")),
         storage_options=raw["data"].get("storage_options"),
         ranges=tuple(raw["ranges"]) if "ranges" in raw else None,
     )
@@ -295,10 +305,14 @@ def _manifest(bundle: Mapping[str, Any]) -> _Manifest:
 class StreamedPairs(Dataset):
     """The images of one split's manifest, decoded and degraded one at a time.
 
+    A ``paired_ab`` manifest lists pix2pix side-by-side files: each is split into its clean and
+    corrupted halves as the in-memory reader splits it (``data.direction``), and nothing is
+    degraded.
+
     ``targets=False`` makes the distillation's dataset: its items hold the corrupted image (and
-    the inpainting mask) and nothing else; the clean image is read only to be degraded and
-    never leaves :meth:`__getitem__`. Items carry their ``index`` so a consumer can check that a
-    batch is the one it asked for.
+    the inpainting mask) and nothing else; the clean image (or half) is read only to be degraded
+    (or split off) and never leaves :meth:`__getitem__`. Items carry their ``index`` so a
+    consumer can check that a batch is the one it asked for.
     """
 
     def __init__(self, bundle: Mapping[str, Any], *, targets: bool = True):
@@ -325,7 +339,22 @@ class StreamedPairs(Dataset):
             m.seed,
             m.split_index,
         ]
+        if m.source == "paired_ab":  # added only here: other sources keep their fingerprints
+            described += [m.source, m.direction, m.corrupted_resample]
         return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
+
+    def _fit(self, image: Image.Image, index: int, nearest: bool = False) -> torch.Tensor:
+        """``image`` of file ``index`` resized as the in-memory path resizes it, ``(1, C, H, W)``."""
+        m = self.manifest
+        if m.small_images == "error" and min(image.size) < m.image_size:
+            per_half = " per half" if m.source == "paired_ab" else ""
+            raise DataError(
+                f"image '{m.files[index]}' under '{m.root}' is {image.size[0]}x{image.size[1]}{per_half}, "
+                f"smaller than data.image_size={m.image_size}; set data.small_images: upscale to enlarge "
+                "such images"
+            )
+        array = np.array(fit_image(image, m.image_size, m.resize, nearest))  # a writable copy for torch
+        return from_uint8((array[..., None] if array.ndim == 2 else array)[None])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         m = self.manifest
@@ -333,14 +362,16 @@ class StreamedPairs(Dataset):
         image = read_entry(
             m.root, m.files[index], "L" if m.channels == 1 else "RGB", m.storage_options, byte_range
         )
-        if m.small_images == "error" and min(image.size) < m.image_size:
-            raise DataError(
-                f"image '{m.files[index]}' under '{m.root}' is {image.size[0]}x{image.size[1]}, smaller than "
-                f"data.image_size={m.image_size}; set data.small_images: upscale to enlarge such images"
-            )
-        array = np.array(fit_image(image, m.image_size, m.resize))  # a writable copy for torch
-        clean = from_uint8((array[..., None] if array.ndim == 2 else array)[None])
         item = {"index": torch.tensor(index)}
+        if m.source == "paired_ab":
+            # A plain join: the root may be a URL, which Path would mangle.
+            clean_half, corrupted_half = split_ab(image, m.direction, f"{m.root}/{m.files[index]}")
+            if self.targets:
+                item["clean"] = self._fit(clean_half, index)[0].to(self.dtype)
+            nearest = m.corrupted_resample == "nearest"
+            item["corrupted"] = self._fit(corrupted_half, index, nearest)[0].to(self.dtype)
+            return item
+        clean = self._fit(image, index)
         if self.targets:
             item["clean"] = clean[0].to(self.dtype)
         degraded = degrade(clean, m.task, torch_generator(m.seed, STREAM_DEGRADE, m.split_index, index))
