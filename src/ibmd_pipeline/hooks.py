@@ -152,7 +152,10 @@ class RunBudgetHooks:
     the steps, the expected time per stage and in total. When the prediction exceeds
     ``budget.minutes``, the teacher's steps and the distillation's updates are scaled down
     (:func:`~ibmd_pipeline.budget.plan_budget`) and the nodes that read ``params:teacher`` and
-    ``params:distill`` get the planned values. Steps set explicitly (``--params``, or another
+    ``params:distill`` get the planned values. On a CPU with native bf16, a stage's ``cpu_bf16:
+    auto`` is decided by the probe, which times both precisions and keeps bf16 only when it is
+    clearly faster (:func:`~ibmd_pipeline.budget.probe.choose_precision`); the node then reads
+    ``cpu_bf16: always`` or ``never``. Steps set explicitly (``--params``, or another
     value than ``conf/base``'s) are never changed; a slice of a pipeline (``--nodes``, an Airflow
     task) is estimated but not scaled, since the rest of its run is not in view.
 
@@ -212,9 +215,12 @@ class RunBudgetHooks:
         # summary in the log.
         print(format_plan(self.plan), flush=True)
         logger.info("run plan: %s", summarize_plan(self.plan))
-        self._overrides = {
-            f"params:{section}": values for section, values in planned_parameters(self.plan, params).items()
-        }
+        sections = planned_parameters(self.plan, params)
+        for section, choice in times.precision.items():  # cpu_bf16: auto, decided by timing both
+            values = dict(sections.get(section) or params[section])
+            values["cpu_bf16"] = "always" if choice == "bf16" else "never"
+            sections[section] = values
+        self._overrides = {f"params:{section}": values for section, values in sections.items()}
 
     @hook_impl
     def before_node_run(self, node: Any, catalog: Any, inputs: dict[str, Any], is_async: bool) -> Any:

@@ -259,3 +259,37 @@ def test_the_start_up_before_the_probe_counts():
     times = StepTimes(0.69, 3.4, 0.003, "float32", probe=15.0, startup=12.0)
     stages = stage_seconds(base_params(), {"train_teacher"}, times, {TEACHER_STEPS: 2000})
     assert list(stages)[:2] == ["start", "probe"] and stages["start"] == 12.0
+
+
+@pytest.mark.parametrize(
+    ("bf16", "float32", "chosen"),
+    [
+        (0.22, 0.69, "bf16"),  # an AMD EPYC with native bf16: bf16 three times faster
+        (0.46, 0.34, "float32"),  # an AVX-512-BF16 Xeon without AMX: float32 faster
+        (0.32, 0.34, "float32"),  # a near tie stays float32
+        (2.0, 2.5, "bf16"),
+    ],
+)
+def test_auto_keeps_bf16_only_where_it_is_clearly_faster(bf16, float32, chosen):
+    from ibmd_pipeline.budget.probe import BF16_MIN_GAIN, choose_precision
+
+    assert BF16_MIN_GAIN == 0.10
+    assert choose_precision(bf16, float32) == chosen
+
+
+def test_only_auto_on_a_native_bf16_cpu_is_decided_by_timing(monkeypatch):
+    import torch
+
+    from ibmd_pipeline.budget import probe
+    from ibmd_pipeline.teacher import parse_teacher_config
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(probe, "cpu_has_native_bf16", lambda: True)
+    auto = parse_teacher_config({"cpu_bf16": "auto", "train": {"bf16": True}}, seed=0)
+    assert probe.measures_precision(auto, cpu)
+    for values in ({"cpu_bf16": "never"}, {"cpu_bf16": "always"}, {"train": {"bf16": False}}):
+        config = parse_teacher_config({"cpu_bf16": "auto", "train": {"bf16": True}} | values, seed=0)
+        assert not probe.measures_precision(config, cpu), values
+    assert not probe.measures_precision(auto, torch.device("meta"))
+    monkeypatch.setattr(probe, "cpu_has_native_bf16", lambda: False)
+    assert not probe.measures_precision(auto, cpu)

@@ -7,6 +7,7 @@ so no assertion depends on how fast this machine is.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 from typing import Any
@@ -19,6 +20,7 @@ import ibmd_pipeline.hooks as hooks_module
 import ibmd_pipeline.settings as project_settings
 from ibmd_pipeline.budget import DISTILL_STEPS, TEACHER_STEPS, StepTimes, format_plan, measure_step_times
 from ibmd_pipeline.hooks import RunBudgetHooks
+from ibmd_pipeline.teacher.config import cpu_has_native_bf16
 
 SLOW = StepTimes(
     teacher_step=10.0, ibmd_update=30.0, forward_image=1e-3, path="float32 (CPU without native bf16)"
@@ -90,6 +92,23 @@ def test_steps_given_on_the_command_line_are_kept(degrade_run, run_kedro, budget
     assert teacher_weights(run)["step"] == 12
 
 
+def test_a_precision_the_probe_decided_is_what_the_teacher_trains_in(degrade_run, run_kedro, monkeypatch):
+    # the probe found float32 faster than bf16 for the teacher (cpu_bf16: auto on a native-bf16 CPU)
+    hook = next(h for h in project_settings.HOOKS if isinstance(h, RunBudgetHooks))
+    measured = dataclasses.replace(
+        SLOW, teacher_step=0.01, precision={"teacher": "float32"}, precision_seconds={"teacher": (0.02, 0.01)}
+    )
+    monkeypatch.setattr(hook, "_measure", lambda params, **kwargs: measured)
+    params = {
+        "budget": {"minutes": None, "probe_steps": 1},
+        "teacher": {"workdir": None, "cpu_bf16": "auto", "train": {"bf16": True}},
+    }
+    run = run_kedro(["teacher"], params=params)
+    checkpoint = teacher_weights(run)
+    assert checkpoint["config"]["teacher"]["cpu_bf16"] == "never" and checkpoint["autocast_bf16"] is False
+    assert "teacher step 0.02 s in bf16, 0.01 s in float32; runs in float32" in format_plan(hook.plan)
+
+
 def test_steps_the_env_sets_apart_from_conf_base_are_kept(degrade_run, run_kedro, monkeypatch):
     hook = next(h for h in project_settings.HOOKS if isinstance(h, RunBudgetHooks))
     monkeypatch.setattr(hook, "_measure", lambda params, **kwargs: SLOW)
@@ -141,8 +160,8 @@ def test_the_probe_restores_every_global_random_stream():
         "engine": {"device": "cpu", "num_threads": 1},
         "task": {"kind": "inpaint_center"},
         "data": {"image_size": 16, "channels": 1},
-        "teacher": {"model": {"network": {"preset": "tiny"}}, "train": {"batch_size": 4}},
-        "distill": {"train": {"batch_size": 4}, "validation": {"batch_size": 4}},
+        "teacher": {"model": {"network": {"preset": "tiny"}}, "train": {"batch_size": 4, "bf16": True}},
+        "distill": {"train": {"batch_size": 4, "bf16": True}, "validation": {"batch_size": 4}},
         "evaluate": {
             "batch_size": 4,
             "num_images": 24,
@@ -165,3 +184,11 @@ def test_the_probe_restores_every_global_random_stream():
     assert times.inception_image > 0 and times.forward_single > 0 and times.report_resample > 0
     if sys.platform.startswith("linux"):  # the process has run at least as long as the probe
         assert times.startup >= times.probe
+    # cpu_bf16: auto with train.bf16 is decided by timing both precisions on a native-bf16 CPU
+    if cpu_has_native_bf16():
+        assert set(times.precision) == set(times.precision_seconds) == {"teacher", "distill"}
+        chosen = {"teacher": times.teacher_step, "distill": times.ibmd_update}
+        for stage, (bf16, float32) in times.precision_seconds.items():
+            assert chosen[stage] == (bf16 if times.precision[stage] == "bf16" else float32)
+    else:
+        assert times.precision == {} and times.precision_seconds == {}

@@ -141,6 +141,10 @@ class StepTimes:
     report_resample: the report's whole-set metrics of one model on one bootstrap resample; None =
         not measured (:data:`REPORT_RESAMPLE_SECONDS`).
     startup: seconds from the process start to the probe (imports, Kedro's session and catalog).
+    precision: ``{"teacher" | "distill": "bf16" | "float32"}`` for each stage whose ``cpu_bf16:
+        auto`` was decided by timing both paths on a CPU with native bf16 (the step times above
+        are the chosen path's); empty when nothing was decided that way.
+    precision_seconds: ``{stage: (bf16 seconds, float32 seconds)}`` of those timings.
     """
 
     teacher_step: float | None
@@ -152,6 +156,8 @@ class StepTimes:
     forward_single: float | None = None
     report_resample: float | None = None
     startup: float = 0.0
+    precision: Mapping[str, str] = field(default_factory=dict)
+    precision_seconds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -500,6 +506,12 @@ def format_plan(plan: BudgetPlan) -> str:
     if times.inception_image is not None:
         measured.append(f"Inception {times.inception_image:.3g} s/image")
     lines.append(f"  measured: {', '.join(measured)} (probe {times.probe:.0f} s, not training)")
+    for stage, (bf16, float32) in times.precision_seconds.items():
+        name = "teacher step" if stage == "teacher" else "IBMD update"
+        lines.append(
+            f"  precision ({stage}.cpu_bf16: auto): {name} {bf16:.3g} s in bf16, {float32:.3g} s in "
+            f"float32; runs in {times.precision[stage]}"
+        )
     for key, configured in plan.configured.items():
         planned = plan.planned[key]
         origin = "set explicitly, kept" if key in plan.explicit else "configured"

@@ -10,6 +10,7 @@ a run without it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import statistics
@@ -40,12 +41,17 @@ from ibmd_pipeline.teacher.config import cpu_has_native_bf16
 from ibmd_pipeline.teacher.model import teacher_from_checkpoint
 
 __all__ = [
+    "BF16_MIN_GAIN",
+    "choose_precision",
+    "ibmd_update_call",
     "isolated_random_state",
+    "measures_precision",
     "measure_step_times",
     "precision_path",
     "random_measurement",
     "random_teacher_checkpoint",
     "report_seconds_per_resample",
+    "teacher_step_call",
 ]
 
 Step = Callable[[], Any]
@@ -62,6 +68,38 @@ def isolated_random_state() -> Iterator[None]:
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+#: On a CPU with native bf16, ``cpu_bf16: auto`` keeps bf16 autocast only when the probe finds it
+#: at least this much faster than float32 (step time x (1 + gain) <= float32's): bf16 rounds more
+#: coarsely, so it has to pay, and a near tie stays float32. (On an AVX-512-BF16 Xeon without AMX
+#: float32 was the faster: teacher step 0.34 against 0.46 s, IBMD update 1.6 against 2.6 s.)
+BF16_MIN_GAIN = 0.10
+
+
+def choose_precision(bf16_seconds: float, float32_seconds: float) -> str:
+    """``"bf16"`` when bf16 autocast is at least :data:`BF16_MIN_GAIN` faster, else ``"float32"``."""
+    return "bf16" if bf16_seconds * (1.0 + BF16_MIN_GAIN) <= float32_seconds else "float32"
+
+
+def measures_precision(config: TeacherConfig | DistillConfig, device: torch.device) -> bool:
+    """Whether the probe decides ``cpu_bf16: auto`` by timing: on a CPU with native bf16, with
+    ``train.bf16`` set (elsewhere ``auto`` has one answer)."""
+    return device.type == "cpu" and config.train.bf16 and config.cpu_bf16 == "auto" and cpu_has_native_bf16()
+
+
+def _measured_path(precision: Mapping[str, str]) -> str:
+    """The plan's precision line for stages whose ``cpu_bf16: auto`` the probe decided."""
+
+    def name(choice: str) -> str:
+        return "native bf16" if choice == "bf16" else "float32"
+
+    if len(set(precision.values())) == 1:
+        return f"{name(next(iter(precision.values())))} (CPU; measured faster for {' and '.join(precision)})"
+    return (
+        ", ".join(f"{stage} in {name(choice)}" for stage, choice in precision.items())
+        + " (CPU; measured faster)"
+    )
 
 
 def precision_path(config: TeacherConfig | DistillConfig, device: torch.device) -> str:
@@ -114,7 +152,7 @@ def _median_seconds(step: Step, repeats: int, device: torch.device) -> float:
     return statistics.median(seconds)
 
 
-def _teacher_step(
+def teacher_step_call(
     checkpoint: Mapping[str, Any], config: TeacherConfig, device: torch.device, images: torch.Tensor
 ) -> Step:
     """One step as the teacher trainer runs it: loss, backward, clipping, AdamW, EMA."""
@@ -134,7 +172,7 @@ def _teacher_step(
     return step
 
 
-def _ibmd_update(
+def ibmd_update_call(
     checkpoint: Mapping[str, Any],
     config: DistillConfig,
     device: torch.device,
@@ -293,13 +331,32 @@ def measure_step_times(
         images = torch.rand(count, channels, size, size) * 2 - 1
         checkpoint = teacher_checkpoint or random_teacher_checkpoint(teacher_config, task, size, channels)
         teacher_step = ibmd_update = None
+        precision: dict[str, str] = {}
+        precision_seconds: dict[str, tuple[float, float]] = {}
+
+        def timed(stage: str, config: Any, step: Callable[[Any], Step]) -> float:
+            """The stage's step time; with ``cpu_bf16: auto`` on a native-bf16 CPU, of the faster
+            of bf16 and float32 (:func:`choose_precision`)."""
+            seconds = _median_seconds(step(config), repeats, device)
+            if not measures_precision(config, device):
+                return seconds
+            float32 = _median_seconds(step(dataclasses.replace(config, cpu_bf16="never")), repeats, device)
+            precision[stage] = choose_precision(seconds, float32)
+            precision_seconds[stage] = (seconds, float32)
+            return seconds if precision[stage] == "bf16" else float32
+
         if teacher:
-            teacher_step = _median_seconds(
-                _teacher_step(checkpoint, teacher_config, device, images), repeats, device
+            teacher_step = timed(
+                "teacher",
+                teacher_config,
+                lambda config: teacher_step_call(checkpoint, config, device, images),
             )
         if distill:
-            update = _ibmd_update(checkpoint, distill_config, device, images, task.kind)
-            ibmd_update = _median_seconds(update, repeats, device)
+            ibmd_update = timed(
+                "distill",
+                distill_config,
+                lambda config: ibmd_update_call(checkpoint, config, device, images, task.kind),
+            )
         forward = _forward_image(checkpoint, device, images, evaluate_batch)
         forward_single = _forward_image(checkpoint, device, images, 1)
         inception_image = _inception_image(device) if inception else None
@@ -308,6 +365,8 @@ def measure_step_times(
             evaluate = parse_evaluate_config(params.get("evaluate"))
             report_resample = report_seconds_per_resample(evaluate, evaluate.num_images)
     path = precision_path(teacher_config if teacher else distill_config, device)
+    if precision:
+        path = _measured_path(precision)
     return StepTimes(
         teacher_step,
         ibmd_update,
@@ -318,4 +377,6 @@ def measure_step_times(
         forward_single=forward_single,
         report_resample=report_resample,
         startup=startup,
+        precision=precision,
+        precision_seconds=precision_seconds,
     )
