@@ -25,14 +25,17 @@ from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
 from ibmd_pipeline.budget import (
+    DISTILL_STEPS,
     BudgetPlan,
     StepTimes,
     explicit_step_keys,
     format_plan,
+    format_revision,
     measure_step_times,
     parse_budget_config,
     plan_budget,
     planned_parameters,
+    revise_distillation,
     summarize_plan,
 )
 from ibmd_pipeline.parameters import check_section_names, parameter_sections, validate_parameters
@@ -162,13 +165,22 @@ class RunBudgetHooks:
     ``measure`` replaces the probe (tests inject step times with it).
     """
 
-    def __init__(self, measure: Callable[..., StepTimes] = measure_step_times) -> None:
+    def __init__(
+        self,
+        measure: Callable[..., StepTimes] = measure_step_times,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self._measure = measure
+        self._clock = clock
         self._params: dict[str, Any] = {}
         self._base: dict[str, Any] = {}
         self._overrides: dict[str, Any] = {}
         self.plan: BudgetPlan | None = None
         self._planned_at = 0.0
+        self._nodes: set[str] = set()
+        self._done: set[str] = set()
+        self._revisable = False
+        self._floor = 1.0
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
@@ -177,7 +189,7 @@ class RunBudgetHooks:
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
-        self._overrides, self.plan = {}, None
+        self._overrides, self.plan, self._done, self._revisable = {}, None, set(), False
         nodes = {node.name for node in pipeline.nodes}
         trains, distils = TEACHER_NODE in nodes, DISTILL_NODE in nodes
         config = parse_budget_config(self._params.get("budget"))
@@ -210,7 +222,9 @@ class RunBudgetHooks:
         self.plan = plan_budget(
             config, times, params, nodes, explicit, scalable=not run_params.get("node_names")
         )
-        self._planned_at = time.perf_counter()
+        self._planned_at = self._clock()
+        self._nodes, self._floor = nodes, config.floor
+        self._revisable = not run_params.get("node_names")
         # The block as one piece on the console (a log handler would wrap each line), and a one-line
         # summary in the log.
         print(format_plan(self.plan), flush=True)
@@ -224,20 +238,58 @@ class RunBudgetHooks:
 
     @hook_impl
     def before_node_run(self, node: Any, catalog: Any, inputs: dict[str, Any], is_async: bool) -> Any:
-        """The planned ``params:teacher`` / ``params:distill`` for the nodes that read them."""
+        """The planned ``params:teacher`` / ``params:distill`` for the nodes that read them; the
+        distillation's updates planned again from the time the run has taken so far."""
+        if node.name == DISTILL_NODE and self.plan is not None and self._revisable:
+            self._revise_distillation()
         planned = {name: values for name, values in self._overrides.items() if name in inputs}
         return planned or None
+
+    @hook_impl
+    def after_node_run(self, node: Any) -> None:
+        self._done.add(node.name)
+
+    def _elapsed(self) -> float:
+        assert self.plan is not None
+        return self._clock() - self._planned_at + self.plan.times.startup + self.plan.times.probe
+
+    def _revise_distillation(self) -> None:
+        """Re-plan the distillation's updates from what the run has taken so far
+        (:func:`~ibmd_pipeline.budget.revise_distillation`); the distill node then reads them."""
+        assert self.plan is not None
+        pending = self._nodes - self._done
+        revised = revise_distillation(
+            self.plan, self._params, self._done, pending, self._elapsed(), self._floor
+        )
+        if revised is self.plan:
+            return
+        self.plan = revised
+        print(format_revision(revised), flush=True)
+        logger.info(
+            "run plan revised before the distillation: %s %d; expected total %.1f min",
+            DISTILL_STEPS,
+            revised.planned[DISTILL_STEPS],
+            revised.expected_seconds / 60.0,
+        )
+        section = dict(self._overrides.get("params:distill") or self._params["distill"])
+        changed = planned_parameters(revised, self._params).get("distill")
+        section["train"] = dict((changed or self._params["distill"])["train"])
+        self._overrides["params:distill"] = section
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         """What the planned run took, against what its plan expected (and the budget)."""
         if self.plan is None:
             return
-        took = time.perf_counter() - self._planned_at + self.plan.times.startup + self.plan.times.probe
         budget = "" if self.plan.budget_minutes is None else f"; budget {self.plan.budget_minutes:g} min"
+        if self.plan.first is not None:
+            budget = (
+                f" (revised before the distillation; at the start "
+                f"{self.plan.first.expected_seconds / 60.0:.1f} min){budget}"
+            )
         logger.info(
             "the run took %.1f min; its plan expected %.1f min%s",
-            took / 60.0,
+            self._elapsed() / 60.0,
             self.plan.expected_seconds / 60.0,
             budget,
         )

@@ -18,9 +18,11 @@ from ibmd_pipeline.budget import (
     StepTimes,
     explicit_step_keys,
     format_plan,
+    format_revision,
     parse_budget_config,
     plan_budget,
     planned_parameters,
+    revise_distillation,
     stage_seconds,
     summarize_plan,
 )
@@ -118,6 +120,79 @@ def test_explicit_steps_are_never_changed_and_the_other_stage_takes_the_rest():
     )
     assert pinned.planned == pinned.configured and "set explicitly" in pinned.note
     assert "set explicitly, kept" in format_plan(pinned)
+
+
+#: The default run's nodes done and still to run when the distillation starts.
+BEFORE_DISTILLATION = {"make_pairs", "train_teacher"}
+AFTER_DISTILLATION = DEFAULT_RUN - BEFORE_DISTILLATION - {"distill_student"}
+
+
+def revised_at(plan: Any, elapsed: float) -> Any:
+    return revise_distillation(
+        plan, base_params(), BEFORE_DISTILLATION, AFTER_DISTILLATION, elapsed, BUDGET.floor
+    )
+
+
+def expected_by_distillation(plan: Any) -> float:
+    return sum(stage_seconds(base_params(), BEFORE_DISTILLATION, plan.times, plan.planned).values())
+
+
+def test_a_run_on_its_plan_keeps_the_planned_distillation():
+    plan = plan_budget(BUDGET, FLOAT32, base_params(), DEFAULT_RUN)
+    by_now = expected_by_distillation(plan)
+    within = 0.9 * plan.margin * plan.target_seconds
+    assert revised_at(plan, by_now) is plan
+    assert revised_at(plan, by_now + within) is plan and revised_at(plan, by_now - within) is plan
+
+
+def test_a_run_ahead_of_its_plan_gets_the_distillation_updates_back_within_the_budget():
+    # the probe timed the teacher slow (as right after set-up): the teacher took 4 minutes less
+    plan = plan_budget(BUDGET, FLOAT32, base_params(), DEFAULT_RUN)
+    elapsed = expected_by_distillation(plan) - 240
+    revised = revised_at(plan, elapsed)
+    planned, more = plan.planned[DISTILL_STEPS], revised.planned[DISTILL_STEPS]
+    assert planned < more <= 300 and more % 10 == 0
+    assert revised.planned[TEACHER_STEPS] == plan.planned[TEACHER_STEPS]  # the teacher has run
+    assert revised.expected_seconds <= revised.target_seconds
+    # one window more would not have fitted
+    distillation = stage_seconds(base_params(), {"distill_student"}, FLOAT32, {DISTILL_STEPS: more + 10})[
+        "distillation"
+    ]
+    assert elapsed + distillation + revised.stages["evaluation"] > revised.target_seconds
+    assert revised.first is plan and revised.elapsed == elapsed
+    assert planned_parameters(revised, base_params())["distill"]["train"]["steps"] == more
+    text = format_revision(revised)
+    assert f"{DISTILL_STEPS}: {more:,} (planned at the start {planned:,}; configured 300)" in text
+    assert "run plan revised before the distillation" in text
+
+
+def test_a_run_far_ahead_gets_the_configured_updates_and_no_more():
+    plan = plan_budget(BUDGET, FLOAT32, base_params(), DEFAULT_RUN)
+    revised = revised_at(plan, 60.0)
+    assert revised.planned[DISTILL_STEPS] == 300 and not planned_parameters(revised, base_params()).get(
+        "distill"
+    )
+
+
+def test_a_run_behind_its_plan_distils_fewer_updates_down_to_the_floor():
+    plan = plan_budget(BUDGET, NATIVE_BF16, base_params(), DEFAULT_RUN)
+    assert not plan.scaled  # it fitted at the start
+    # the teacher took so much longer that the configured updates would end 2 minutes late
+    late = plan.target_seconds - plan.stages["distillation"] - plan.stages["evaluation"] + 120
+    assert late - expected_by_distillation(plan) > plan.margin * plan.target_seconds
+    behind = revised_at(plan, late)
+    assert 75 <= behind.planned[DISTILL_STEPS] < 300
+    assert behind.expected_seconds <= behind.target_seconds and not behind.note
+    assert any(line.startswith("distillation:") for line in behind.quality)
+    hopeless = revised_at(plan, 29 * 60)
+    assert hopeless.planned[DISTILL_STEPS] == 75 and "floor" in hopeless.note
+
+
+def test_explicit_updates_and_no_budget_are_never_revised():
+    pinned = plan_budget(BUDGET, FLOAT32, base_params(), DEFAULT_RUN, explicit=frozenset({DISTILL_STEPS}))
+    assert revised_at(pinned, 60.0) is pinned
+    unlimited = plan_budget(BudgetConfig(minutes=None), FLOAT32, base_params(), DEFAULT_RUN)
+    assert revised_at(unlimited, 60.0) is unlimited
 
 
 def test_no_budget_and_a_pipeline_slice_keep_the_configured_steps():

@@ -137,6 +137,31 @@ def test_a_distillation_alone_is_planned_on_the_teacher_in_the_catalog(degrade_r
     assert student["step"] == 1
 
 
+def test_the_distillation_is_planned_again_from_the_time_the_run_has_taken(
+    degrade_run, run_kedro, budget_hook, monkeypatch, capsys
+):
+    # The plan expects 10 s teacher steps and 30 s updates; on a clock that stands still the run
+    # reaches the distillation far ahead of that plan, so it gets its updates back, as many as fit.
+    monkeypatch.setattr(budget_hook, "_clock", lambda: 0.0)
+    params = {
+        "budget": {"minutes": 2, "probe_steps": 1},
+        "teacher": {"workdir": None},
+        "distill": {"workdir": None},
+    }
+    run = run_kedro(["teacher", "distill"], params=params)
+    plan = budget_hook.plan
+    first = plan.first
+    assert first is not None and first.planned[TEACHER_STEPS] == plan.planned[TEACHER_STEPS] < 24
+    assert first.planned[DISTILL_STEPS] < plan.planned[DISTILL_STEPS] <= 4
+    assert plan.expected_seconds <= plan.target_seconds < first.expected_seconds + 30.0
+    student = torch.load(run.versioned_file("06_models/student.pt"), weights_only=True)
+    assert student["step"] == plan.planned[DISTILL_STEPS]
+    assert teacher_weights(run)["step"] == plan.planned[TEACHER_STEPS]
+    out = capsys.readouterr().out
+    assert "run plan revised before the distillation: the run has taken 0.0 min" in out
+    assert f"{DISTILL_STEPS}: {plan.planned[DISTILL_STEPS]} (planned at the start" in out
+
+
 def test_the_probe_leaves_the_training_s_numbers_as_they_were(degrade_run, run_kedro):
     """A budget that does not bind, measured for real: the same teacher as without any probe."""
     hook = next(h for h in project_settings.HOOKS if isinstance(h, RunBudgetHooks))

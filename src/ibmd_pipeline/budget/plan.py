@@ -22,10 +22,17 @@ Xeon the teacher took 4.8% and the distillation 3.2% longer than their probed st
 When it exceeds that, both step counts are scaled by one factor (never below ``budget.floor`` of
 the configured ones) so that the training fits what the other stages leave; a step count the
 user set explicitly is kept, and the other one takes the rest.
+
+When the distillation starts, the plan is revised from the time the run has actually taken
+(:func:`revise_distillation`): the probe's few steps can be off (a fresh process right after
+set-up's disk writes timed its first steps 25-50% slow), so the distillation's updates are
+planned again from what is left of the budget, up to the configured ones and never below the
+floor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,9 +48,11 @@ __all__ = [
     "StepTimes",
     "explicit_step_keys",
     "format_plan",
+    "format_revision",
     "parse_budget_config",
     "plan_budget",
     "planned_parameters",
+    "revise_distillation",
     "stage_seconds",
     "summarize_plan",
 ]
@@ -173,6 +182,11 @@ class BudgetPlan:
     quality: list[str] = field(default_factory=list)
     note: str = ""
     margin: float = 0.0
+    #: Set on a plan revised during the run (:func:`revise_distillation`): the seconds the run had
+    #: taken when it was revised, what the plan it replaced expected by then, and that plan.
+    elapsed: float | None = None
+    expected_by_now: float | None = None
+    first: BudgetPlan | None = None
 
     @property
     def target_seconds(self) -> float | None:
@@ -337,7 +351,7 @@ def _speed_seconds(speed: Mapping[str, Any], models: list[int], times: StepTimes
 
 def _round_steps(steps: int, factor: float, floor: float, log_every: int) -> int:
     """``steps x factor`` rounded down to whole logging windows, at least ``floor`` of ``steps``."""
-    least = max(1, math.ceil(steps * floor))
+    least = _fewest_steps(steps, floor)
     wanted = int(steps * factor)
     if wanted >= log_every:
         wanted -= wanted % log_every
@@ -449,6 +463,66 @@ def plan_budget(
     )
 
 
+def _fewest_steps(configured: int, floor: float) -> int:
+    return max(1, math.ceil(configured * floor))
+
+
+def revise_distillation(
+    plan: BudgetPlan,
+    params: Mapping[str, Any],
+    done: set[str],
+    pending: set[str],
+    elapsed: float,
+    floor: float,
+) -> BudgetPlan:
+    """``plan`` revised when the distillation starts, from the ``elapsed`` seconds the run has
+    taken (start-up and probe included) to finish the nodes in ``done``; ``pending``: the nodes
+    still to run after the distillation.
+
+    When the run is more than the margin (``plan.margin`` of the target) ahead of or behind what
+    the plan expected by now, the distillation gets the most updates, in whole logging windows,
+    between ``floor`` of the configured ones and the configured ones, that end the run within the
+    target with the pending stages as planned. Otherwise, or without a budget, or when the
+    updates were set explicitly, ``plan`` is returned as it is.
+    """
+    target = plan.target_seconds
+    if target is None or DISTILL_STEPS not in plan.configured or DISTILL_STEPS in plan.explicit:
+        return plan
+    times = plan.times
+    by_now = sum(stage_seconds(params, done, times, plan.planned).values())
+    if abs(elapsed - by_now) <= plan.margin * target:
+        return plan
+    unmeasured = dataclasses.replace(times, startup=0.0, probe=0.0)
+    rest = sum(stage_seconds(params, pending - {"distill_student"}, unmeasured, plan.planned).values())
+    allowance = target - elapsed - rest
+    configured = plan.configured[DISTILL_STEPS]
+    log_every = int(_lookup(params, "distill.train.log_every") or 1)
+    fewest = _fewest_steps(configured, floor)
+    candidates = [configured, *range(configured - configured % log_every, fewest, -log_every), fewest]
+
+    def distillation(steps: int) -> float:
+        return stage_seconds(params, {"distill_student"}, unmeasured, {DISTILL_STEPS: steps})["distillation"]
+
+    steps = next((n for n in candidates if n >= fewest and distillation(n) <= allowance), fewest)
+    planned = {**plan.planned, DISTILL_STEPS: steps}
+    stages = {"so far": elapsed, "distillation": distillation(steps)}
+    if rest:
+        stages["evaluation"] = rest
+    note = ""
+    if sum(stages.values()) > target:
+        note = f"the floor ({floor:.0%} of the configured updates) keeps the run over the budget"
+    return dataclasses.replace(
+        plan,
+        planned=planned,
+        stages=stages,
+        quality=_quality_cost(params, plan.configured, planned),
+        note=note,
+        elapsed=elapsed,
+        expected_by_now=by_now,
+        first=plan.first or plan,
+    )
+
+
 def planned_parameters(plan: BudgetPlan, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The parameter sections the plan changes (``{"teacher": {...}, "distill": {...}}``), whole:
     ``train.steps`` as planned and ``train.warmup_steps`` scaled with it, so the learning-rate
@@ -536,4 +610,28 @@ def format_plan(plan: BudgetPlan) -> str:
             "  to run the configured steps: --params budget.minutes=null (or set "
             "teacher.train.steps / distill.train.steps explicitly)"
         )
+    return "\n".join(lines)
+
+
+def format_revision(plan: BudgetPlan) -> str:
+    """The block printed when the distillation starts with a revised plan
+    (:func:`revise_distillation`): the time taken so far against the first plan's, the
+    distillation's updates as revised, the expected total and the quality cost."""
+    first = plan.first or plan
+    key = DISTILL_STEPS
+    lines = [
+        f"run plan revised before the distillation: the run has taken {_minutes(plan.elapsed or 0.0)}, "
+        f"its plan expected {_minutes(plan.expected_by_now or 0.0)} by now",
+        f"  {key}: {plan.planned[key]:,} (planned at the start {first.planned[key]:,}; configured "
+        f"{plan.configured[key]:,})",
+    ]
+    stages = ", ".join(f"{name} {_minutes(seconds)}" for name, seconds in plan.stages.items())
+    lines.append(f"  expected: {stages}")
+    lines.append(
+        f"  expected total {_minutes(plan.expected_seconds)} (budget {plan.budget_minutes:g} min, "
+        f"planned within {_minutes(plan.target_seconds or 0.0)})"
+    )
+    if plan.note:
+        lines.append(f"  note: {plan.note}")
+    lines.extend(f"  quality cost: {line}" for line in plan.quality)
     return "\n".join(lines)

@@ -152,6 +152,19 @@ def _median_seconds(step: Step, repeats: int, device: torch.device) -> float:
     return statistics.median(seconds)
 
 
+#: The stages whose precision the probe may decide, in the order the plan prints them.
+STAGES = ("teacher", "distill")
+
+
+def _faster(
+    first: tuple[float, float | None], second: tuple[float, float | None]
+) -> tuple[float, float | None]:
+    """Of two timings of the same step (configured precision, float32 or None), the smaller of
+    each."""
+    float32 = None if first[1] is None or second[1] is None else min(first[1], second[1])
+    return min(first[0], second[0]), float32
+
+
 def teacher_step_call(
     checkpoint: Mapping[str, Any], config: TeacherConfig, device: torch.device, images: torch.Tensor
 ) -> Step:
@@ -296,7 +309,8 @@ def measure_step_times(
     report: bool = False,
 ) -> StepTimes:
     """Median seconds of ``repeats`` teacher steps (with ``teacher``) and IBMD updates (with
-    ``distill``) of the networks ``params`` describe, each after a warm-up, of one image's
+    ``distill``) of the networks ``params`` describe, each after a warm-up (the teacher's timed at
+    the start and again at the end of the probe, the faster kept), of one image's
     network evaluation (in a batch of ``evaluate.batch_size`` and alone), (with ``inception``)
     of one image's Inception forward and (with ``report``) of the report's whole-set metrics per
     model and resample, on ``engine.device`` with ``engine.num_threads``; and the seconds since
@@ -334,28 +348,37 @@ def measure_step_times(
         precision: dict[str, str] = {}
         precision_seconds: dict[str, tuple[float, float]] = {}
 
-        def timed(stage: str, config: Any, step: Callable[[Any], Step]) -> float:
-            """The stage's step time; with ``cpu_bf16: auto`` on a native-bf16 CPU, of the faster
-            of bf16 and float32 (:func:`choose_precision`)."""
+        def seconds_of(config: Any, step: Callable[[Any], Step]) -> tuple[float, float | None]:
+            """The step's seconds in the configured precision and, with ``cpu_bf16: auto`` on a
+            native-bf16 CPU, in float32 (else None)."""
             seconds = _median_seconds(step(config), repeats, device)
             if not measures_precision(config, device):
-                return seconds
+                return seconds, None
             float32 = _median_seconds(step(dataclasses.replace(config, cpu_bf16="never")), repeats, device)
+            return seconds, float32
+
+        def chosen(stage: str, seconds: float, float32: float | None) -> float:
+            """The stage's step time; of the faster of bf16 and float32 where both were timed
+            (:func:`choose_precision`)."""
+            if float32 is None:
+                return seconds
             precision[stage] = choose_precision(seconds, float32)
             precision_seconds[stage] = (seconds, float32)
             return seconds if precision[stage] == "bf16" else float32
 
-        if teacher:
-            teacher_step = timed(
-                "teacher",
-                teacher_config,
-                lambda config: teacher_step_call(checkpoint, config, device, images),
+        def teacher_seconds() -> tuple[float, float | None]:
+            return seconds_of(
+                teacher_config, lambda config: teacher_step_call(checkpoint, config, device, images)
             )
+
+        first_teacher = teacher_seconds() if teacher else None
         if distill:
-            ibmd_update = timed(
+            ibmd_update = chosen(
                 "distill",
-                distill_config,
-                lambda config: ibmd_update_call(checkpoint, config, device, images, task.kind),
+                *seconds_of(
+                    distill_config,
+                    lambda config: ibmd_update_call(checkpoint, config, device, images, task.kind),
+                ),
             )
         forward = _forward_image(checkpoint, device, images, evaluate_batch)
         forward_single = _forward_image(checkpoint, device, images, 1)
@@ -364,6 +387,10 @@ def measure_step_times(
         if report:
             evaluate = parse_evaluate_config(params.get("evaluate"))
             report_resample = report_seconds_per_resample(evaluate, evaluate.num_images)
+        if first_teacher is not None:
+            # Timed again at the end, and the faster kept: a fresh process's first steps can be
+            # slow for a while (right after set-up's disk writes by 25-50%), the run's are not.
+            teacher_step = chosen("teacher", *_faster(first_teacher, teacher_seconds()))
     path = precision_path(teacher_config if teacher else distill_config, device)
     if precision:
         path = _measured_path(precision)
@@ -377,6 +404,6 @@ def measure_step_times(
         forward_single=forward_single,
         report_resample=report_resample,
         startup=startup,
-        precision=precision,
-        precision_seconds=precision_seconds,
+        precision=dict(sorted(precision.items(), key=lambda item: STAGES.index(item[0]))),
+        precision_seconds=dict(sorted(precision_seconds.items(), key=lambda item: STAGES.index(item[0]))),
     )
