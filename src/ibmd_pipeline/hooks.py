@@ -162,7 +162,12 @@ class RunBudgetHooks:
     value than ``conf/base``'s) are never changed; a slice of a pipeline (``--nodes``, an Airflow
     task) is estimated but not scaled, since the rest of its run is not in view.
 
-    ``measure`` replaces the probe (tests inject step times with it).
+    When the distillation starts, the run's time so far is compared with the plan's, and off by
+    more than the margin the distillation's updates are planned again from what is left of the
+    budget (:func:`~ibmd_pipeline.budget.revise_distillation`), printed as a revision.
+
+    ``measure`` replaces the probe (tests inject step times with it); ``clock`` is the run's clock
+    (tests stop it).
     """
 
     def __init__(
