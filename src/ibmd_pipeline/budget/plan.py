@@ -83,7 +83,8 @@ STUDENT_NFE_CHOICES = (1, 2, 4)
 
 #: The student's FID (NFE 1, 200 test images) after n generator updates of one distillation,
 #: sr4x_bicubic on the embedded data at the default settings (batch 32, L = 5, lr 3e-4):
-#: benchmarks/results/sr4x_bicubic.json, ``fid_vs_distill_steps`` (README, "Benchmarks").
+#: benchmarks/results/earlier_protocol/sr4x_bicubic.json, ``fid_vs_distill_steps`` (README, "Benchmarks",
+#: the earlier protocol: 200 images, one seed).
 MEASURED_DISTILL_FID = {50: 69.4, 100: 66.5, 200: 65.4, 300: 64.6, 450: 65.8, 600: 64.0, 800: 65.3}
 
 
